@@ -1,0 +1,289 @@
+"""Fixed benchmark protocols on the real data; results go into BENCHMARKS.md between markers.
+
+hippocampus: sorted case ids; test targets are every 5th case (index % 5 == 0); the atlas pool is the rest; the same
+10 atlases (drawn from the pool with seed 0) serve every target. Both registration backends, every fusion method,
+and antspyx joint_label_fusion on the torch-warped atlases, measured side by side in one run.
+fetal: leave-one-out over the 15 fetal-sb atlases, 10 atlases drawn (seed 0) from the other 14.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import platform
+import re
+import shlex
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .atlas import load_atlas_set
+from .fusion import METHODS, oracle_coverage
+from .metrics import segmentation_metrics
+from .pipeline import fuse_prepared, prepare
+
+METHOD_NAMES = {"majority": "majority voting", "weighted": "local weighted voting", "jlf": "joint label fusion",
+                "staple": "STAPLE", "ants_jlf": "antspyx joint_label_fusion"}
+
+
+def _rss_bytes() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+class PeakMemory:
+    """Peak resident memory of this process during a block (sampled every 5 ms)."""
+
+    def __enter__(self):
+        self.peak = _rss_bytes()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+        return self
+
+    def _run(self):
+        while not self._stop.wait(0.005):
+            self.peak = max(self.peak, _rss_bytes())
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join()
+        self.peak = max(self.peak, _rss_bytes())
+
+    @property
+    def gib(self) -> float:
+        return self.peak / 2 ** 30
+
+
+def machine_description() -> str:
+    cpu = platform.processor() or "cpu"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2 ** 30
+    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
+    return f"{cpu}, {os.cpu_count()} cores, {mem:.0f} GiB RAM, {gpu}; torch {torch.__version__}"
+
+
+def git_commit() -> str:
+    try:
+        sha = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                             check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True,
+                               text=True).stdout.strip()
+        return sha + (" (with uncommitted changes)" if dirty else "")
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def _ants_jlf(prepared, labels: list[int]) -> tuple[np.ndarray, float]:
+    """antspyx joint_label_fusion on the same warped atlases (beta 2, rad 2, search 3, rho 0.1, max_lab_plus_one)."""
+    import ants
+
+    def to_ants(array: np.ndarray):
+        # ANTs images from (Z, Y, X) arrays: geometry does not matter for fusion on one grid.
+        return ants.from_numpy(np.ascontiguousarray(array.transpose(2, 1, 0)).astype(np.float32))
+
+    target = to_ants(prepared.target[0].cpu().numpy())
+    mask = to_ants(np.ones(prepared.target.shape[1:], dtype=np.float32))
+    images = [to_ants(prepared.images[k, 0].cpu().numpy()) for k in range(prepared.images.shape[0])]
+    segs = [to_ants(prepared.labels[k].cpu().numpy().astype(np.float32)) for k in range(prepared.labels.shape[0])]
+    t0 = time.perf_counter()
+    out = ants.joint_label_fusion(target, mask, images, beta=2, rad=2, label_list=segs, rho=0.1, r_search=3,
+                                  max_lab_plus_one=True, verbose=False)
+    seconds = time.perf_counter() - t0
+    seg = out["segmentation"].numpy().transpose(2, 1, 0)
+    numbers = list(out.get("segmentation_numbers", []))
+    result = np.zeros(seg.shape, dtype=np.int64)
+    if numbers and not set(np.unique(seg).tolist()) <= set(labels) | {0}:
+        # values index into segmentation_numbers (1-based)
+        for k, value in enumerate(numbers, start=1):
+            result[seg == k] = int(value)
+    else:
+        result = seg.astype(np.int64)
+    return result, seconds
+
+
+def _evaluate(res_seg, reference, names) -> dict:
+    m = segmentation_metrics(res_seg, reference, names)
+    return {"dice": {v: m["labels"][v]["dice"] for v in names}, "hd95": {v: m["labels"][v]["hd95"] for v in names}}
+
+
+def run_suite(data: Path, suite: str, n_targets: int | None, backends: list[str], with_ants: bool,
+              device: str, log=print) -> dict:
+    atlas_set = load_atlas_set(data)
+    ids = sorted(atlas_set.case_ids)
+    names = {v: n for v, n in atlas_set.labels.items() if v != 0}
+    labels = atlas_set.label_values
+    if suite == "hippocampus":
+        targets = [c for k, c in enumerate(ids) if k % 5 == 0]
+        pool = [c for k, c in enumerate(ids) if k % 5 != 0]
+        fixed = sorted(str(x) for x in np.random.default_rng(0).choice(pool, 10, replace=False))
+        atlas_for = {t: fixed for t in targets}
+    else:
+        targets = ids
+        atlas_for = {t: sorted(str(x) for x in np.random.default_rng(0).choice([i for i in ids if i != t], 10,
+                                                                               replace=False)) for t in ids}
+    targets = targets[:n_targets] if n_targets else targets
+    cache = {}
+
+    def load(case_id):
+        if case_id not in cache:
+            cache[case_id] = atlas_set.load(case_id)
+        return cache[case_id]
+
+    rows = []
+    for ti, target_id in enumerate(targets):
+        case = load(target_id)
+        atlases = [load(a) for a in atlas_for[target_id]]
+        from .io import image_to_tensor
+        ref_tensor = image_to_tensor(case.label, torch.int64)[0]
+        for backend in backends:
+            with PeakMemory() as mem:
+                prepared = prepare(case.images, atlas_set, atlases=atlases, backend=backend, device=device)
+            reg_s = prepared.timings["registration"]
+            covered, summary = oracle_coverage(prepared.labels, ref_tensor.to(prepared.labels.device), labels, 0.1)
+            row = {"target": target_id, "backend": backend, "registration_s": reg_s,
+                   "registration_s_per_atlas": reg_s / len(atlases), "registration_peak_gib": mem.gib,
+                   "oracle10": {str(k): v for k, v in summary.items()}, "methods": {}}
+            for method in METHODS:
+                with PeakMemory() as mem:
+                    t0 = time.perf_counter()
+                    res = fuse_prepared(prepared, method)
+                    seconds = time.perf_counter() - t0
+                row["methods"][method] = dict(_evaluate(res.segmentation, case.label, names), seconds=seconds,
+                                              peak_gib=mem.gib)
+            if with_ants and backend == "torch":
+                import SimpleITK as sitk
+
+                with PeakMemory() as mem:
+                    seg, seconds = _ants_jlf(prepared, labels)
+                image = sitk.GetImageFromArray(seg.astype(np.uint8))
+                image.CopyInformation(case.label)
+                row["methods"]["ants_jlf"] = dict(_evaluate(image, case.label, names), seconds=seconds,
+                                                  peak_gib=mem.gib)
+            rows.append(row)
+            dice = {m: [round(d, 3) for d in r["dice"].values()] for m, r in row["methods"].items()}
+            log(f"[{ti + 1}/{len(targets)}] {target_id} {backend}: reg {reg_s:.1f}s  {dice}")
+            del prepared
+    return {"suite": suite, "data": str(data), "targets": targets, "atlases": atlas_for, "labels": names,
+            "rows": rows}
+
+
+def summarize(results: dict) -> dict:
+    """Mean Dice / HD95 per label, mean time and peak memory, per backend and method."""
+    names = results["labels"]
+    out = {}
+    for row in results["rows"]:
+        b = out.setdefault(row["backend"], {"reg_s_per_atlas": [], "reg_peak": [], "oracle": [], "methods": {}})
+        b["reg_s_per_atlas"].append(row["registration_s_per_atlas"])
+        b["reg_peak"].append(row["registration_peak_gib"])
+        b["oracle"].append(row["oracle10"].get("foreground", float("nan")))
+        for m, r in row["methods"].items():
+            mm = b["methods"].setdefault(m, {"dice": {v: [] for v in names}, "hd95": {v: [] for v in names},
+                                             "seconds": [], "peak": []})
+            for v in names:
+                mm["dice"][v].append(r["dice"][v])
+                mm["hd95"][v].append(r["hd95"][v])
+            mm["seconds"].append(r["seconds"])
+            mm["peak"].append(r["peak_gib"])
+    return out
+
+
+def _mean(x) -> float:
+    return float(np.nanmean(np.asarray(x, dtype=float))) if len(x) else float("nan")
+
+
+def markdown(results: dict, command: str, wall_s: float) -> str:
+    names = results["labels"]
+    summary = summarize(results)
+    n = len(results["targets"])
+    lines = [f"Command: `{command}`  ",
+             f"Machine: {machine_description()}  ",
+             f"Date: {datetime.date.today().isoformat()}, commit {git_commit()}, wall time {wall_s / 60:.1f} min  ",
+             f"Targets: {n}; atlases per target: 10", ""]
+    label_cols = " | ".join(f"Dice {names[v]}" for v in names)
+    hd_cols = " | ".join(f"HD95 {names[v]} (mm)" for v in names)
+    lines.append(f"| registration | fusion | {label_cols} | mean Dice | {hd_cols} | fusion s/target | "
+                 "peak RSS GiB |")
+    lines.append("|" + "---|" * (5 + 2 * len(names)))
+    for backend, b in summary.items():
+        for m, mm in b["methods"].items():
+            dices = [_mean(mm["dice"][v]) for v in names]
+            hds = [_mean(mm["hd95"][v]) for v in names]
+            lines.append(f"| {backend} | {METHOD_NAMES.get(m, m)} | " + " | ".join(f"{d:.4f}" for d in dices)
+                         + f" | {np.mean(dices):.4f} | " + " | ".join(f"{h:.2f}" for h in hds)
+                         + f" | {_mean(mm['seconds']):.2f} | {max(mm['peak']):.2f} |")
+    lines.append("")
+    lines.append("| registration | s per atlas (mean) | s per target (10 atlases) | peak RSS GiB | oracle(10%) "
+                 "foreground coverage |")
+    lines.append("|---|---|---|---|---|")
+    for backend, b in summary.items():
+        s = _mean(b["reg_s_per_atlas"])
+        lines.append(f"| {backend} | {s:.2f} | {10 * s:.1f} | {max(b['reg_peak']):.2f} | {_mean(b['oracle']):.4f} |")
+    lines.append("")
+    lines += _ratios(summary, names)
+    return "\n".join(lines) + "\n"
+
+
+def _ratios(summary: dict, names: dict) -> list[str]:
+    out = ["Side-by-side ratios and differences (same run):", ""]
+    t = summary.get("torch")
+    g = summary.get("greedy")
+    if t and g:
+        ratio = _mean(t["reg_s_per_atlas"]) / _mean(g["reg_s_per_atlas"])
+        out.append(f"- registration time per atlas, torch / greedy: **{ratio:.2f}x**")
+        for v, n in names.items():
+            d = _mean(t["methods"]["majority"]["dice"][v]) - _mean(g["methods"]["majority"]["dice"][v])
+            out.append(f"- majority voting Dice {n}, torch - greedy: {d:+.4f}")
+    if t:
+        for v, n in names.items():
+            d = _mean(t["methods"]["jlf"]["dice"][v]) - _mean(t["methods"]["majority"]["dice"][v])
+            out.append(f"- our JLF - majority voting, Dice {n} (torch registration): {d:+.4f}")
+        if "ants_jlf" in t["methods"]:
+            for v, n in names.items():
+                d = _mean(t["methods"]["jlf"]["dice"][v]) - _mean(t["methods"]["ants_jlf"]["dice"][v])
+                out.append(f"- our JLF - antspyx JLF, Dice {n} (same warped atlases): {d:+.4f}")
+            speed = _mean(t["methods"]["ants_jlf"]["seconds"]) / _mean(t["methods"]["jlf"]["seconds"])
+            out.append(f"- JLF speed-up over antspyx on CPU: **{speed:.1f}x**")
+    return out
+
+
+def update_markdown(path: Path, key: str, title: str, body: str) -> None:
+    """Replace (or append) the section between ``<!-- key:start -->`` and ``<!-- key:end -->``."""
+    text = path.read_text() if path.is_file() else "# Benchmarks\n"
+    block = f"<!-- {key}:start -->\n## {title}\n\n{body}<!-- {key}:end -->"
+    pattern = re.compile(rf"<!-- {key}:start -->.*?<!-- {key}:end -->", re.S)
+    text = pattern.sub(lambda _: block, text) if pattern.search(text) else text.rstrip() + "\n\n" + block + "\n"
+    path.write_text(text)
+
+
+def run_benchmark(args) -> dict:
+    default = Path(__file__).resolve().parents[1].parent / "shared" / "data" / args.suite.replace("fetal", "fetal-sb")
+    data = Path(args.data) if args.data else default
+    if not (data / "dataset.json").is_file():
+        raise FileNotFoundError(f"{data}: benchmark data not found (expected ../shared/data/{args.suite})")
+    backends = ["torch"] + ([] if args.no_greedy else ["greedy"])
+    command = "atlasseg " + " ".join(shlex.quote(a) for a in sys.argv[1:]) if sys.argv[0].endswith(
+        ("atlasseg", "__main__.py")) else "atlasseg benchmark " + args.suite
+    t0 = time.perf_counter()
+    results = run_suite(data, args.suite, args.targets, backends, with_ants=not args.no_ants, device=args.device)
+    wall = time.perf_counter() - t0
+    if args.json:
+        Path(args.json).write_text(json.dumps(results, indent=1, default=str))
+    body = markdown(results, command, wall)
+    title = {"hippocampus": "Classic multi-atlas segmentation: hippocampus (Decathlon Task04)",
+             "fetal": "Leave-one-out multi-atlas segmentation: fetal-sb (135x189x155, 8 labels)"}[args.suite]
+    update_markdown(Path(args.markdown), args.suite, title, body)
+    print(body)
+    return results

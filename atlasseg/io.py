@@ -1,0 +1,189 @@
+"""Image I/O and grid geometry.
+
+All image I/O goes through SimpleITK, and all geometry is physical (ITK's LPS world, millimetres).
+Arrays follow SimpleITK's ``GetArrayFromImage`` order ``(Z, Y, X)``; index vectors and physical
+points follow ITK's ``(x, y, z)`` order.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import SimpleITK as sitk
+import torch
+
+GEOMETRY_TOLERANCE = 1e-4
+
+
+class ImageError(ValueError):
+    """Bad input image: the message names the file and the problem."""
+
+
+@dataclass(frozen=True)
+class Geometry:
+    """A 3D image grid in physical space.
+
+    ``size`` is (x, y, z) in voxels, ``spacing`` in mm, ``origin`` in mm (LPS), ``direction`` a 3x3
+    row-major matrix whose columns are the index axes in physical space.
+    """
+
+    size: tuple[int, int, int]
+    spacing: tuple[float, float, float]
+    origin: tuple[float, float, float]
+    direction: tuple[float, ...]
+
+    @classmethod
+    def of(cls, image: sitk.Image) -> Geometry:
+        if image.GetDimension() != 3:
+            raise ImageError(f"expected a 3D image, got {image.GetDimension()}D")
+        return cls(
+            tuple(int(s) for s in image.GetSize()),
+            tuple(float(s) for s in image.GetSpacing()),
+            tuple(float(o) for o in image.GetOrigin()),
+            tuple(float(d) for d in image.GetDirection()),
+        )
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        """Array shape (Z, Y, X)."""
+        return (self.size[2], self.size[1], self.size[0])
+
+    def index_to_physical(self) -> np.ndarray:
+        """4x4 matrix mapping homogeneous continuous index (x, y, z, 1) to physical (LPS) points."""
+        m = np.eye(4)
+        m[:3, :3] = np.asarray(self.direction).reshape(3, 3) @ np.diag(self.spacing)
+        m[:3, 3] = self.origin
+        return m
+
+    def physical_to_index(self) -> np.ndarray:
+        return np.linalg.inv(self.index_to_physical())
+
+    def center(self) -> np.ndarray:
+        """Physical centre of the grid (mm)."""
+        mid = (np.asarray(self.size, dtype=float) - 1.0) / 2.0
+        return (self.index_to_physical() @ np.append(mid, 1.0))[:3]
+
+    def extent(self) -> np.ndarray:
+        """Physical length of each index axis (mm)."""
+        return np.asarray(self.size, dtype=float) * np.asarray(self.spacing)
+
+    def apply_to(self, image: sitk.Image) -> sitk.Image:
+        image.SetSpacing(self.spacing)
+        image.SetOrigin(self.origin)
+        image.SetDirection(self.direction)
+        return image
+
+    def reference_image(self) -> sitk.Image:
+        """An empty image with this geometry (for resampling)."""
+        return self.apply_to(sitk.Image(list(self.size), sitk.sitkUInt8))
+
+    def downsampled(self, factor: int) -> Geometry:
+        """A coarser grid covering the same physical region, voxel centres on block centres."""
+        if factor == 1:
+            return self
+        size = tuple(max(1, int(np.ceil(s / factor))) for s in self.size)
+        spacing = tuple(sp * factor for sp in self.spacing)
+        shift = (factor - 1) / 2.0
+        origin = self.index_to_physical() @ np.array([shift, shift, shift, 1.0])
+        return Geometry(size, spacing, tuple(float(o) for o in origin[:3]), self.direction)
+
+    def same_as(self, other: Geometry, tolerance: float = GEOMETRY_TOLERANCE) -> bool:
+        return not self.differences(other, tolerance)
+
+    def differences(self, other: Geometry, tolerance: float = GEOMETRY_TOLERANCE) -> list[str]:
+        """Human-readable list of what differs between two grids."""
+        out = []
+        if self.size != other.size:
+            out.append(f"size {self.size} vs {other.size}")
+        for name in ("spacing", "origin", "direction"):
+            a, b = np.asarray(getattr(self, name)), np.asarray(getattr(other, name))
+            if not np.allclose(a, b, atol=tolerance, rtol=0):
+                out.append(f"{name} {tuple(np.round(a, 5))} vs {tuple(np.round(b, 5))}")
+        return out
+
+
+def read_image(path: str | os.PathLike, check_finite: bool = True) -> sitk.Image:
+    """Read an image with SimpleITK; errors name the file."""
+    path = Path(path)
+    if not path.is_file():
+        raise ImageError(f"{path}: file not found")
+    try:
+        image = sitk.ReadImage(str(path))
+    except RuntimeError as err:
+        first = str(err).strip().splitlines()[-1] if str(err).strip() else "unreadable"
+        raise ImageError(f"{path}: cannot read image ({first})") from None
+    if image.GetDimension() not in (3, 4):
+        raise ImageError(f"{path}: expected a 3D (or 4D multi-channel) image, got {image.GetDimension()}D")
+    if check_finite and image.GetPixelID() in (sitk.sitkFloat32, sitk.sitkFloat64, sitk.sitkVectorFloat32,
+                                               sitk.sitkVectorFloat64):
+        arr = sitk.GetArrayViewFromImage(image)
+        if not np.isfinite(arr).all():
+            bad = int((~np.isfinite(arr)).sum())
+            raise ImageError(f"{path}: contains {bad} NaN/Inf voxel values")
+    return image
+
+
+def write_image(image: sitk.Image, path: str | os.PathLike, compress: bool = True) -> Path:
+    """Write atomically: a temporary file in the same folder, then rename over the target."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    suffix = "".join(path.suffixes) or ".nii.gz"
+    fd, tmp = tempfile.mkstemp(prefix=".tmp_", suffix=suffix, dir=path.parent)
+    os.close(fd)
+    try:
+        sitk.WriteImage(image, tmp, compress)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return path
+
+
+def split_channels(image: sitk.Image) -> list[sitk.Image]:
+    """A 4D image (x, y, z, c) or a vector image -> list of 3D scalar channel images."""
+    if image.GetNumberOfComponentsPerPixel() > 1:
+        return [sitk.VectorIndexSelectionCast(image, i, sitk.sitkFloat32)
+                for i in range(image.GetNumberOfComponentsPerPixel())]
+    if image.GetDimension() == 4:
+        size = list(image.GetSize())
+        channels = []
+        for c in range(size[3]):
+            channels.append(sitk.Extract(image, size[:3] + [0], [0, 0, 0, c]))
+        return channels
+    return [image]
+
+
+def image_to_tensor(images: sitk.Image | list[sitk.Image], dtype=torch.float32) -> torch.Tensor:
+    """One or more 3D images on one grid -> tensor (C, Z, Y, X)."""
+    if isinstance(images, sitk.Image):
+        images = [images]
+    arrays = [sitk.GetArrayFromImage(im).astype(np.float32 if dtype.is_floating_point else np.int64)
+              for im in images]
+    return torch.from_numpy(np.stack(arrays)).to(dtype)
+
+
+def labels_to_tensor(image: sitk.Image) -> torch.Tensor:
+    """Label image -> int64 tensor (Z, Y, X)."""
+    return torch.from_numpy(sitk.GetArrayFromImage(image).astype(np.int64))
+
+
+def tensor_to_image(array: torch.Tensor | np.ndarray, geometry: Geometry,
+                    pixel_type: int | None = None) -> sitk.Image:
+    """Array (Z, Y, X) on ``geometry`` -> SimpleITK image with that geometry."""
+    if isinstance(array, torch.Tensor):
+        array = array.detach().cpu().numpy()
+    if tuple(array.shape) != geometry.shape:
+        raise ValueError(f"array shape {tuple(array.shape)} does not match grid shape {geometry.shape}")
+    image = sitk.GetImageFromArray(array)
+    geometry.apply_to(image)
+    if pixel_type is not None and image.GetPixelID() != pixel_type:
+        image = sitk.Cast(image, pixel_type)
+    return image
+
+
+def label_pixel_type(max_label: int) -> int:
+    return sitk.sitkUInt8 if max_label < 256 else (sitk.sitkUInt16 if max_label < 65536 else sitk.sitkInt32)
