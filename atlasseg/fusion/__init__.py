@@ -20,8 +20,10 @@ Methods (``fuse(method, ...)``, parameters as keywords)
   ``power`` (ncc), ``decision``.
 * ``"jlf"``: joint label fusion after ANTs antsJointFusion (see :mod:`atlasseg.fusion.jlf`).
   Params: ``alpha`` (0.1), ``beta`` (2.0), ``patch_radius`` (2), ``search_radius`` (3),
-  ``metric`` ("pearson" | "msq"), ``nonnegative`` (False), ``spacing`` (None = isotropic; orders
-  the search offsets), ``skip_consensus`` (True), ``chunk_size``, ``slab_size``, ``decision``.
+  ``metric`` ("pearson" | "msq"; "pearson" is antsJointFusion's default, while
+  ``ants.joint_label_fusion`` uses "msq" unless ``usecor=True``), ``nonnegative`` (False),
+  ``spacing`` (None = isotropic; orders the search offsets), ``skip_consensus`` (True),
+  ``chunk_size`` (8192 centres per solve chunk), ``slab_size`` (None = automatic), ``decision``.
 * ``"staple"``: SimpleITK MultiLabelSTAPLEImageFilter (see :mod:`atlasseg.fusion.staple`).
   Params: ``max_iterations``, ``termination_threshold``.
 
@@ -103,9 +105,7 @@ def _validate(target, atlas_images, atlas_labels, labels, mask):
         if tuple(atlas_images.shape[2:]) != spatial:
             raise ValueError(f"atlas_images spatial shape {tuple(atlas_images.shape[2:])} != {spatial}")
         if target is not None and atlas_images.shape[1] != target.shape[0]:
-            raise ValueError(
-                f"atlas_images have {atlas_images.shape[1]} modalities but target has {target.shape[0]}"
-            )
+            raise ValueError(f"atlas_images have {atlas_images.shape[1]} modalities but target has {target.shape[0]}")
         if atlas_images.device != dev:
             raise ValueError(f"atlas_images are on {atlas_images.device} but atlas_labels on {dev}")
     try:
@@ -129,9 +129,10 @@ def _validate(target, atlas_images, atlas_labels, labels, mask):
 
 
 def labels_to_index(atlas_labels: torch.Tensor, labels: Sequence[int]) -> torch.Tensor:
-    """Map label values to indices 0..L-1 (int64); ValueError for values not in ``labels``."""
+    """Map label values to indices 0..L-1 (int32, half the memory of int64; usable as an index);
+    ValueError for values not in ``labels``."""
     lab_t = torch.tensor(list(labels), dtype=torch.int64, device=atlas_labels.device)
-    out = torch.empty(atlas_labels.shape, dtype=torch.int64, device=atlas_labels.device)
+    out = torch.empty(atlas_labels.shape, dtype=torch.int32, device=atlas_labels.device)
     for i in range(atlas_labels.shape[0]):  # one atlas at a time keeps memory bounded
         v = atlas_labels[i].long()
         idx = torch.searchsorted(lab_t, v).clamp_max(lab_t.numel() - 1)

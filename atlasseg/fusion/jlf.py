@@ -28,20 +28,30 @@ the version bundled with antspyx 0.6; checked voxel by voxel against antspyx on 
 * Mask: only target voxels inside the mask are centres (solve and vote); their votes may land on
   any voxel, but voxels outside the mask are reported as background.
 
-Speed-ups that do not change the result:
+Speed-ups that do not change the result (ANTs itself solves and searches at every voxel):
 
-* The best offsets come from box filters over the whole grid, one search offset at a time (no
-  loop over voxels): per offset one box sum of T*A_o (Pearson) or of (T-A_o)^2 (MSQ); the atlas
-  window sums for Pearson are shifted views of one box filter of the atlas, except for centres
-  whose own patch leaves the image, which get the exact per-offset sums.
-* ``skip_consensus=True`` (default): a centre x whose (patch_radius + search_radius) cube lies
-  inside the image and holds one single label in every atlas would vote that label with total
-  weight 1 at every voxel of its patch whatever its weights are, so its weights are not solved and
-  its votes are added with one box filter per label. The result is identical to solving everywhere
-  (ANTs solves everywhere); the reported ``atlas_weights`` there are 1/N. ``skip_consensus=False``
-  solves at every voxel in the mask.
-* The rest (patch gathering, M, batched solves, voting) runs in chunks of ``chunk_size`` centres
-  with flat-index arithmetic, so memory stays bounded.
+* ``skip_consensus=True`` (default): every vote that reaches a voxel y is an atlas label read
+  inside the search cube around y. Where all atlases carry one label c in that cube (clipped to the
+  image), y's posterior is one-hot c whatever the weights are, so it is set directly, and weights
+  are solved only at centres with such a non-trivial voxel in their patch (i.e. whose
+  patch_radius + search_radius cube holds more than one label). Identical result; the reported
+  ``atlas_weights`` of the skipped centres are 1/N. ``skip_consensus=False`` solves everywhere in
+  the mask (used by the tests to show the equality).
+* The best offsets come from box filters over blocks of the grid (bounding boxes of the centres
+  to solve, in z-slabs), one search offset at a time: per offset one box sum of T*A_o (Pearson) or
+  of (T-A_o)^2 (MSQ); no loop over voxels. For Pearson the atlas window sums are shifted views of one
+  box filter of the atlas per block, except for centres whose own patch leaves the image (they need
+  per-offset sums over the clipped window). Scores are compared in an order-equivalent form
+  (s / sqrt(var_x) instead of sign(s) s^2 / var_x) and computed from mean-centred intensities, in
+  float32 with float64 per-block statistics; candidates whose scores agree to about 1e-6 relative
+  may be ordered differently than in ANTs' double precision.
+* Patch gathering, M, the batched solves and the voting run in chunks of ``chunk_size`` centres
+  with flat-index arithmetic and reused buffers, so memory stays bounded (about 0.3 GB of work
+  buffers at the default 8192 plus a few arrays the size of the atlas stack).
+
+Deviation: a target patch that is exactly constant gives every Pearson score 0 in ANTs only when
+the constant is 0 (z-scored zeros; otherwise rounding noise decides); here the centre offset is
+taken for every constant target patch.
 
 Output ``atlas_weights`` are the weights solved at each centre voxel (ANTs' optional voting-weight
 images are instead patch averages of them).
@@ -110,25 +120,27 @@ def _box1(x: torch.Tensor, dim: int, rr: int) -> torch.Tensor:
 
 
 def _box_valid(x: torch.Tensor, r: tuple[int, int, int]) -> torch.Tensor:
-    """Sum over a (2r+1)^3 window, 'valid' mode on the last three dims (each shrinks by 2r)."""
-    for dim, rr in zip((-3, -2, -1), r, strict=True):
-        if rr:
-            x = _box1(x, dim, rr)
+    """Sum over a (2r+1)^3 window, 'valid' mode on the last three dims (each shrinks by 2r).
+
+    The axis that shrinks most (relatively) is summed first, so thin blocks stay cheap.
+    """
+    dims = [(-3 + a, r[a]) for a in range(3) if r[a]]
+    dims.sort(key=lambda t: (x.shape[t[0]] - 2 * t[1]) / x.shape[t[0]])
+    for dim, rr in dims:
+        x = _box1(x, dim, rr)
     return x
 
 
-def _box_same(x: torch.Tensor, r: tuple[int, int, int]) -> torch.Tensor:
-    """Window sum with zero padding, same size as the input (last three dims)."""
-    pad = (r[2], r[2], r[1], r[1], r[0], r[0])
-    return _box_valid(torch.nn.functional.pad(x, pad), r)
-
-
-def _max_pool_valid(x: torch.Tensor, r: tuple[int, int, int]) -> torch.Tensor:
-    """Separable max over a (2r+1)^3 window, 'valid' mode, x (Z, Y, X) float."""
+def _max_pool_same(x: torch.Tensor, r: tuple[int, int, int]) -> torch.Tensor:
+    """Separable max over the (2r+1)^3 window clipped to the image, x (Z, Y, X) float."""
     y = x[None, None]
-    y = torch.nn.functional.max_pool3d(y, (2 * r[0] + 1, 1, 1), stride=1)
-    y = torch.nn.functional.max_pool3d(y, (1, 2 * r[1] + 1, 1), stride=1)
-    y = torch.nn.functional.max_pool3d(y, (1, 1, 2 * r[2] + 1), stride=1)
+    for ax, rr in enumerate(r):
+        if rr:
+            k = [1, 1, 1]
+            k[ax] = 2 * rr + 1
+            pad = [0, 0, 0]
+            pad[ax] = rr
+            y = torch.nn.functional.max_pool3d(y, tuple(k), stride=1, padding=tuple(pad))
     return y[0, 0]
 
 
@@ -243,9 +255,16 @@ class _Searcher:
         self.metric = metric
         pz, py, px = self.pad
         padding = (px, px, py, py, pz, pz)
-        self.tpad = torch.nn.functional.pad(target.to(torch.float32), padding)
+        t32 = target.to(torch.float32)
+        self.tpad = torch.nn.functional.pad(t32, padding)
         self.apad = torch.nn.functional.pad(atlases.to(torch.float32), padding)
         self.dev = target.device
+        if metric == "pearson":
+            # Pearson sums are formed from the target minus its mean (exactly compensated below):
+            # smaller products, less float32 cancellation. Outside the image the value stays 0.
+            self.tmean = t32.mean(dim=(1, 2, 3))  # (C,)
+            self.tpad_c = torch.nn.functional.pad(t32 - self.tmean.view(-1, 1, 1, 1), padding)
+            self.amean = atlases.to(torch.float32).mean(dim=(1, 2, 3, 4)).view(-1, 1, 1, 1, 1)  # (N,1,1,1,1)
 
     def _axis_tables(self, axis, lo, hi):
         """Per-axis tables for centres lo..hi-1: joint usable counts and 'centre+o inside' flags
@@ -288,15 +307,15 @@ class _Searcher:
             mu = _box_valid(t64, r) / n_t
             var = ((_box_valid(t64 * t64, r) - n_t * mu * mu) / (n_t - 1).clamp_min(1)).clamp_min(0)
             sd = torch.sqrt(var)
+            flat = (sd < _EPS_STD).all(0)  # (bz, by, bx): constant target patch
             sd = torch.where(sd < _EPS_STD, torch.ones_like(sd), sd)
-            mu32 = mu.to(torch.float32)  # (C, bz, by, bx)
+            mu_c = (mu - self.tmean.view(-1, 1, 1, 1).to(torch.float64)).to(torch.float32)  # (C, ...)
             inv_sd = (1.0 / sd).to(torch.float32) if c > 1 else None
             del t64, n_t, var, sd
-            if exact:
-                inimg_u = outer3(tz[2], ty[2], tx[2])
-            else:
+            treg_c = self.tpad_c[(slice(None),) + sl]
+            if not exact:
                 # centres whose own window is inside the image: the atlas window sums depend on
-                # w = centre + o only -> one box filter of the atlas per block
+                # w = centre + o only -> one box filter of the atlas per block (float64 here)
                 asl = (
                     slice(None),
                     slice(None),
@@ -304,19 +323,21 @@ class _Searcher:
                     slice(y0 - r[1] - s[1] + pad[1], y1 + r[1] + s[1] + pad[1]),
                     slice(x0 - r[2] - s[2] + pad[2], x1 + r[2] + s[2] + pad[2]),
                 )
-                areg = self.apad[asl]
-                box_a = _box_valid(areg, r)  # (N, C, bz+2s, by+2s, bx+2s)
-                box_a2 = _box_valid(areg * areg, r)
+                areg = self.apad[asl].to(torch.float64)
+                box_a64 = _box_valid(areg, r)  # (N, C, bz+2s, by+2s, bx+2s)
+                box_a2 = _box_valid(areg.mul_(areg), r).sum(1)
                 del areg
                 # usable voxels of the window at w: those inside the image
-                cw = [
-                    self._count_inside(a, (z0, y0, x0)[a] - s[a], (z1, y1, x1)[a] + s[a]) for a in range(3)
-                ]
-                cnt_w = c * outer3(*cw)
-                sum_x = box_a.sum(1)
-                var_w = (box_a2.sum(1) - sum_x * sum_x / cnt_w.clamp_min(1)).clamp_min(_EPS_VAR)
-                isd_w = torch.rsqrt(var_w)  # (N, bz+2s, by+2s, bx+2s)
-                del box_a2, sum_x, var_w
+                cw = [self._count_inside(a, (z0, y0, x0)[a] - s[a], (z1, y1, x1)[a] + s[a]) for a in range(3)]
+                cnt_w = c * outer3(*cw).to(torch.float64)
+                sum_x = box_a64.sum(1)
+                var_w = (box_a2 - sum_x * sum_x / cnt_w.clamp_min(1)).clamp_min(_EPS_VAR)
+                isd_w = torch.rsqrt(var_w).to(torch.float32)  # (N, bz+2s, by+2s, bx+2s)
+                # w outside the image is not a candidate: NaN scores never win (gt / fmax below)
+                w_in = outer3(*self._inside(lo, hi))
+                isd_w.masked_fill_(~w_in, math.nan)
+                box_a = box_a64.to(torch.float32)
+                del box_a2, sum_x, var_w, w_in, box_a64, cnt_w
                 if c == 1:
                     box_a = box_a[:, 0]
 
@@ -350,35 +371,66 @@ class _Searcher:
                 else:
                     score = score.div_(outer3(cz, cy, cx) * (-float(c)))
             elif not exact:
-                sxy = _box_valid(treg * ash, r)  # (N, C, bz, by, bx)
+                sxy = _box_valid(treg_c * ash, r)  # (N, C, bz, by, bx)
                 wsl = (slice(iz, iz + bz), slice(iy, iy + by), slice(ix, ix + bx))
                 if c == 1:
-                    score = torch.addcmul(sxy[:, 0], mu32[0], box_a[(slice(None),) + wsl], value=-1.0)
+                    score = torch.addcmul(sxy[:, 0], mu_c[0], box_a[(slice(None),) + wsl], value=-1.0)
                 else:
-                    num = torch.addcmul(sxy, mu32, box_a[(slice(None), slice(None)) + wsl], value=-1.0)
+                    num = torch.addcmul(sxy, mu_c, box_a[(slice(None), slice(None)) + wsl], value=-1.0)
                     score = num.mul_(inv_sd).sum(1)
                 score.mul_(isd_w[(slice(None),) + wsl])
             else:
-                sxy = _box_valid(treg * ash, r)
-                am = ash * inimg_u
-                sx = _box_valid(am, r)
-                sx2 = _box_valid(am.mul_(am), r)
-                num = torch.addcmul(sxy, mu32, sx, value=-1.0)
+                # one box filter call for the three sums: T*A, and A minus its (per-atlas) mean and
+                # its square where both u and u+o are inside (same variance, less cancellation)
+                stack = torch.empty((3,) + tuple(ash.shape), dtype=torch.float32, device=self.dev)
+                torch.mul(treg_c, ash, out=stack[0])
+                torch.sub(ash, self.amean, out=stack[1])
+                stack[1].mul_(outer3(tz[3][iz], ty[3][iy], tx[3][ix]))
+                torch.mul(stack[1], stack[1], out=stack[2])
+                sxy, sx, sx2 = _box_valid(stack, r).unbind(0)
+                del stack
+                cnt1 = outer3(cz, cy, cx)
+                sx_raw = torch.addcmul(sx, self.amean, cnt1)  # sum of the raw atlas values
+                num = torch.addcmul(sxy, mu_c, sx_raw, value=-1.0)
                 if c > 1:
                     num = num.mul_(inv_sd).sum(1)
                     sx, sx2 = sx.sum(1), sx2.sum(1)
                 else:
                     num, sx, sx2 = num[:, 0], sx[:, 0], sx2[:, 0]
-                cnt = float(c) * outer3(cz, cy, cx)
+                cnt = float(c) * cnt1
                 varx = torch.addcmul(sx2, sx, sx / cnt.clamp_min(1), value=-1.0).clamp_min_(_EPS_VAR)
                 score = num.mul_(varx.rsqrt_())
                 score.masked_fill_(cnt < 3, -math.inf)
-            if not all_valid:
-                score.masked_fill_(~outer3(vz, vy, vx), -math.inf)
+            if not all_valid and (exact or not pearson):
+                self._fill_invalid(score, lo, hi, (oz, oy, ox))
             better = score > best
-            best = torch.maximum(best, score)
+            best = torch.fmax(best, score)
             best_idx.masked_fill_(better, j)
+        if pearson:
+            # constant target patch: every score is 0 in ANTs (z-scored zeros), the first offset
+            # (the centre) wins
+            best_idx.masked_fill_(flat.unsqueeze(0), 0)
         out_idx[:, z0:z1, y0:y1, x0:x1] = best_idx
+
+    def _fill_invalid(self, score, lo, hi, o):
+        """-inf where centre + o leaves the image: thin slabs at the block faces."""
+        for a in range(3):
+            d = self.dims[a]
+            nlow = min(max(0, -o[a] - lo[a]), hi[a] - lo[a])  # centres v with v + o < 0
+            nhigh = min(max(0, hi[a] + o[a] - d), hi[a] - lo[a])  # centres v with v + o >= d
+            dim = score.dim() - 3 + a
+            if nlow:
+                score.narrow(dim, 0, nlow).fill_(-math.inf)
+            if nhigh:
+                score.narrow(dim, hi[a] - lo[a] - nhigh, nhigh).fill_(-math.inf)
+
+    def _inside(self, lo, hi):
+        """Per axis: 1 where w = lo-s .. hi+s-1 lies inside the image."""
+        out = []
+        for a in range(3):
+            w = torch.arange(lo[a] - self.s[a], hi[a] + self.s[a], device=self.dev)
+            out.append((w >= 0) & (w < self.dims[a]))
+        return out
 
     def _count_inside(self, axis, lo, hi):
         """Number of window voxels inside the image for window centres lo..hi-1 along ``axis``."""
@@ -428,7 +480,7 @@ def joint_label_fusion(
     spacing=None,
     skip_consensus: bool = True,
     chunk_size: int = 8192,
-    slab_size: int = 8,
+    slab_size: int | None = None,
     progress: ProgressFn = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Joint label fusion. Returns posteriors (L, Z, Y, X) float32 and weights (N, Z, Y, X) float32.
@@ -451,9 +503,10 @@ def joint_label_fusion(
         raise ValueError(f"spacing must be 3 numbers (z, y, x), got {spacing!r}") from None
     if len(spacing) != 3 or not all(math.isfinite(v) and v > 0 for v in spacing):
         raise ValueError(f"spacing must be 3 positive numbers (z, y, x), got {spacing!r}")
-    if int(chunk_size) < 1 or int(slab_size) < 1:
+    if int(chunk_size) < 1 or (slab_size is not None and int(slab_size) < 1):
         raise ValueError("chunk_size and slab_size must be >= 1")
-    chunk_size, slab_size = int(chunk_size), int(slab_size)
+    chunk_size = int(chunk_size)
+    slab_size = None if slab_size is None else int(slab_size)
     if not isinstance(nonnegative, bool) or not isinstance(skip_consensus, bool):
         raise ValueError("nonnegative and skip_consensus must be True or False")
 
@@ -472,57 +525,53 @@ def joint_label_fusion(
     if mask is None:
         mask = torch.ones(dims, dtype=torch.bool, device=dev)
 
-    # -------- consensus centres (all atlases one label in the (r+s) cube) --------
+    # -------- voxels whose posterior does not depend on any weight --------
+    # Every vote reaching voxel y is an atlas label read inside the search cube around y
+    # (y + o_i(x)). Where all atlases hold one label c in that cube (clipped to the image), y's
+    # posterior is one-hot c whatever the weights, and a centre x needs its weights only when some
+    # voxel of its patch is not fixed that way. Identical to solving everywhere (ANTs).
     R = tuple(a + b for a, b in zip(r, s, strict=True))
-    consensus = torch.zeros(dims, dtype=torch.bool, device=dev)
-    cons_label = torch.zeros(dims, dtype=torch.long, device=dev)
-    if skip_consensus and all(d > 2 * rr for d, rr in zip(dims, R, strict=True)):
-        lo_map = label_index.min(0).values.to(torch.float32)
-        hi_map = label_index.max(0).values.to(torch.float32)
-        hi_p = _max_pool_valid(hi_map, R)
-        lo_p = -_max_pool_valid(-lo_map, R)
-        inner = (slice(R[0], Z - R[0]), slice(R[1], Y - R[1]), slice(R[2], X - R[2]))
-        consensus[inner] = hi_p == lo_p
-        cons_label[inner] = hi_p.to(torch.long)
-        del lo_map, hi_map, hi_p, lo_p
-    consensus &= mask
-    solve_mask = mask & ~consensus
+    if skip_consensus:
+        hi_s = _max_pool_same(label_index.max(0).values.to(torch.float32), s)
+        lo_s = -_max_pool_same(-label_index.min(0).values.to(torch.float32), s)
+        fixed = hi_s == lo_s
+        fixed_label = hi_s.to(torch.long)
+        del hi_s, lo_s
+        solve_mask = mask & (_max_pool_same((~fixed).to(torch.float32), r) > 0)
+    else:
+        fixed = None
+        fixed_label = None
+        solve_mask = mask
 
     posts = torch.zeros((nl, V), dtype=torch.float32, device=dev)
     wsum = torch.zeros(V, dtype=torch.float32, device=dev)
     weights = torch.full((n, V), 1.0 / n, dtype=torch.float32, device=dev)
 
-    # votes of the consensus centres: weight 1 to their label over their patch
-    if bool(consensus.any()):
-        for lab in torch.unique(cons_label[consensus]).tolist():
-            ind = (consensus & (cons_label == lab)).to(torch.float32)
-            contrib = _box_same(ind, r).reshape(-1)
-            posts[lab] += contrib
-            wsum += contrib
-        report(progress, 0.02, "JLF: consensus voxels voted")
-
     centres = solve_mask.reshape(-1).nonzero().squeeze(1)
     nc = centres.numel()
+    report(progress, 0.02, f"JLF: {nc} of {int(mask.sum())} voxels need weights")
     if nc == 0:
-        return _finish(posts, wsum, weights, dims, nl, n)
+        report(progress, 1.0, "JLF: done")
+        return _finish(posts, wsum, weights, dims, nl, n, fixed, fixed_label)
 
     # -------- search: best offset index per atlas and centre --------
     best = torch.zeros((n, Z, Y, X), dtype=torch.int16, device=dev)
     if len(offsets) > 1:
-        coords = torch.stack(torch.unravel_index(centres, dims), 1)
-        lo = coords.min(0).values.tolist()
-        hi = (coords.max(0).values + 1).tolist()
-        del coords
+        lo, hi = _bbox(solve_mask, (0, 0, 0), dims)
         searcher = _Searcher(target, atlas_images, r, s, offsets, metric)
         if metric == "pearson":
             inner, rest = _split_box(lo, hi, list(r), [d - rr for d, rr in zip(dims, r, strict=True)])
             blocks = ([] if inner is None else [(inner, False)]) + [(b, True) for b in rest]
         else:
             blocks = [((tuple(lo), tuple(hi)), True)]
+        if slab_size is None:
+            slab_size = max(1, (1 << 21) // max(1, n * c * (hi[1] - lo[1] + 2 * r[1]) * (hi[2] - lo[2] + 2 * r[2])))
         slabs = []
         for (blo, bhi), exact in blocks:
             for z in range(blo[0], bhi[0], slab_size):
-                slabs.append(((z, blo[1], blo[2]), (min(z + slab_size, bhi[0]), bhi[1], bhi[2]), exact))
+                box = _bbox(solve_mask, (z, blo[1], blo[2]), (min(z + slab_size, bhi[0]), bhi[1], bhi[2]))
+                if box is not None:
+                    slabs.append((box[0], box[1], exact))
         total = sum((b[1][0] - b[0][0]) * (b[1][1] - b[0][1]) * (b[1][2] - b[0][2]) for b in slabs)
         done = 0
         for slo, shi, exact in slabs:
@@ -561,9 +610,19 @@ def joint_label_fusion(
     # vote buffer with a dummy voxel V (votes landing outside the image) and dummy label nl
     votes = torch.zeros((nl + 1) * (V + 1), dtype=torch.float32, device=dev)
 
+    # work buffers reused by every chunk (fresh 10^7-element temporaries per chunk would cost a
+    # page-fault storm on CPU)
+    kmax = min(chunk_size, nc)
+    aidx_buf = torch.empty(kmax * n * P, dtype=idx_dtype, device=dev)
+    ap_buf = torch.empty(kmax * n * c * P, dtype=torch.float32, device=dev)
+    labs_buf = torch.empty(kmax * n * P, dtype=lab_dtype, device=dev)
+    tgt_buf = torch.empty(kmax * n * P, dtype=torch.int64, device=dev)
+    src_buf = torch.empty(kmax * n * P, dtype=torch.float32, device=dev)
+
     for k0 in range(0, nc, chunk_size):
         cidx = centres[k0 : k0 + chunk_size]
         K = cidx.numel()
+        KNP = K * n * P
         zyx = torch.stack(torch.unravel_index(cidx, dims), 1)  # (K, 3)
         base = ((zyx + Rt) * strides).sum(1)  # padded flat index of the centre, (K,)
         bidx = best_flat[:, cidx].t().long()  # (K, N)
@@ -573,16 +632,18 @@ def joint_label_fusion(
         a_ok = ((mpos - rt >= 0) & (mpos + rt < dims_t)).all(2)  # (K, N)
         del mpos
         mbase = (base.unsqueeze(1) + soff_flat[bidx] + atlas_base).to(idx_dtype).contiguous()  # (K, N)
-        aidx = mbase.view(K, n, 1) + poff_flat.view(1, 1, P)  # (K, N, P): atlas i, channel 0
+        aidx = aidx_buf[:KNP].view(K, n, P)
+        torch.add(mbase.view(K, n, 1), poff_flat.view(1, 1, P), out=aidx)  # atlas i, channel 0
 
         # z-scored target patches (K, 1, C, P) and matched atlas patches (K, N, C, P)
         tidx = (base.to(idx_dtype).view(K, 1, 1, 1) + (chan_base // n) + poff_flat.view(1, 1, 1, P)).view(-1)
         tp = _zscore_(tflat.index_select(0, tidx).view(K, 1, c, P))
         del tidx
+        ap = ap_buf[: KNP * c].view(K, n, c, P)
         if c == 1:
-            ap = aflat.index_select(0, aidx.view(-1)).view(K, n, 1, P)
+            torch.index_select(aflat, 0, aidx.view(-1), out=ap_buf[:KNP])
         else:
-            ap = aflat.index_select(0, (aidx.unsqueeze(2) + chan_base).view(-1)).view(K, n, c, P)
+            torch.index_select(aflat, 0, (aidx.unsqueeze(2) + chan_base).view(-1), out=ap_buf[: KNP * c])
         ap = _zscore_(ap)
         diff = ap.sub_(tp).abs_().view(K, n, c * P)
         del tp
@@ -605,23 +666,28 @@ def joint_label_fusion(
         weights[:, cidx] = w.t()
 
         # -------- voting spread over the patch (ANTs: label at y + o_i for every y of the patch) ----
-        labs = lflat.index_select(0, aidx.view(-1)).view(K, n, P)
-        del aidx
+        labs = labs_buf[:KNP]
+        torch.index_select(lflat, 0, aidx.view(-1), out=labs)
         u = zyx.unsqueeze(1) + poffs.unsqueeze(0)  # (K, P, 3) voxels receiving the votes
         u_ok = ((u >= 0) & (u < dims_t)).all(2)  # (K, P)
-        uidx = (cidx.unsqueeze(1) + poff_img.unsqueeze(0)).masked_fill_(~u_ok, V).to(idx_dtype)
+        uidx = (cidx.unsqueeze(1) + poff_img.unsqueeze(0)).masked_fill_(~u_ok, V)  # (K, P)
         del u, u_ok
-        tgt = labs.to(torch.int64).mul_(V + 1).add_(uidx.unsqueeze(1))
-        del labs, uidx
-        votes.scatter_add_(0, tgt.view(-1), w.unsqueeze(-1).expand(K, n, P).reshape(-1))
-        del tgt
+        tgt = tgt_buf[:KNP]
+        tgt.copy_(labs)
+        tgt.mul_(V + 1).view(K, n, P).add_(uidx.unsqueeze(1))
+        del uidx
+        src = src_buf[:KNP]
+        src.view(K, n, P).copy_(w.unsqueeze(-1).expand(K, n, P))
+        votes.scatter_add_(0, tgt, src)
         report(progress, 0.6 + 0.4 * min(k0 + K, nc) / nc, "JLF: weights and voting")
+    del aidx_buf, ap_buf, labs_buf, tgt_buf, src_buf
 
     votes = votes.view(nl + 1, V + 1)[:nl, :V]
     posts += votes
     wsum += votes.sum(0)
     del votes
-    return _finish(posts, wsum, weights, dims, nl, n)
+    report(progress, 1.0, "JLF: done")
+    return _finish(posts, wsum, weights, dims, nl, n, fixed, fixed_label)
 
 
 def _zscore_(x: torch.Tensor) -> torch.Tensor:
@@ -632,7 +698,25 @@ def _zscore_(x: torch.Tensor) -> torch.Tensor:
     return x.div_(ss)
 
 
-def _finish(posts, wsum, weights, dims, nl, n):
+def _finish(posts, wsum, weights, dims, nl, n, fixed, fixed_label):
     has = wsum > 0
     posts = torch.where(has.unsqueeze(0), posts / wsum.clamp_min(1e-30).unsqueeze(0), posts)
-    return posts.reshape((nl,) + dims), weights.reshape((n,) + dims)
+    posts = posts.reshape((nl,) + dims)
+    if fixed is not None:
+        onehot = torch.zeros_like(posts).scatter_(0, fixed_label.unsqueeze(0), 1.0)
+        posts = torch.where(fixed.unsqueeze(0), onehot, posts)
+    return posts, weights.reshape((n,) + dims)
+
+
+def _bbox(m: torch.Tensor, lo, hi):
+    """Bounding box [lo', hi') of the True voxels of m inside [lo, hi), or None."""
+    sub = m[lo[0] : hi[0], lo[1] : hi[1], lo[2] : hi[2]]
+    out_lo, out_hi = [], []
+    for ax in range(3):
+        other = tuple(a for a in range(3) if a != ax)
+        idx = sub.any(dim=other).nonzero()
+        if idx.numel() == 0:
+            return None
+        out_lo.append(lo[ax] + int(idx[0]))
+        out_hi.append(lo[ax] + int(idx[-1]) + 1)
+    return tuple(out_lo), tuple(out_hi)

@@ -6,10 +6,11 @@ label (ties to the lowest label index).
 
 Posteriors: the filter returns only the label map, but also its final per-atlas confusion matrices
 theta_k[observed, true] (shape (T+1, T), T = largest index present + 1); the label priors are the
-label frequencies over all atlases and voxels, as the filter estimates them. The posteriors are recomputed from them exactly as the filter's last E-step does:
-p(l | x) proportional to prior_l * prod_k theta_k[label_k(x), l], normalised over labels, in the log
-domain. Their arg-max is the filter's label wherever the filter decided. Where every product is 0
-(undecided voxels of that kind) the posterior is the one-hot of the label actually assigned.
+label frequencies over all atlases and voxels, as the filter estimates them. The posteriors are
+recomputed from these exactly as the filter's last E-step does: p(l | x) proportional to
+prior_l * prod_k theta_k[label_k(x), l], normalised over labels, in the log domain. Their arg-max
+is the filter's label wherever the filter decided. Where every product is 0 (undecided voxels of
+that kind) the posterior is the one-hot of the label actually assigned.
 """
 
 from __future__ import annotations
@@ -69,7 +70,7 @@ def staple_fusion(
         log_prior = torch.from_numpy(np.log(prior)).to(dev)  # (T,)
     logp = log_prior.view(t, *([1] * len(spatial))).expand((t,) + spatial).clone()
     for k in range(n):
-        logp += log_cm[k][label_index[k]].movedim(-1, 0)  # (T, Z, Y, X)
+        logp += log_cm[k][label_index[k].long()].movedim(-1, 0)  # (T, Z, Y, X)
     decided_any = torch.isfinite(logp).any(0)
     mx = logp.max(0, keepdim=True).values
     p = torch.exp(logp - torch.where(torch.isfinite(mx), mx, torch.zeros_like(mx)))
@@ -80,7 +81,7 @@ def staple_fusion(
     seg = torch.from_numpy(out).to(dev)
     und = seg == undecided
     if bool(und.any()):
-        mv = majority_vote(label_index, num_labels).argmax(0)
+        mv = majority_vote(label_index, num_labels).argmax(0)  # ties: lowest label index
         seg = torch.where(und, mv, seg)
     # voxels without any finite product: posterior = one-hot of the assigned label
     onehot = torch.nn.functional.one_hot(seg, num_labels).movedim(-1, 0).to(torch.float32)

@@ -70,7 +70,7 @@ def report(progress: ProgressFn, fraction: float, message: str) -> None:
 def one_hot_counts(label_index: torch.Tensor, num_labels: int, weights: torch.Tensor | None = None) -> torch.Tensor:
     """Sum over atlases of (weighted) one-hot votes.
 
-    label_index: (N, *S) int64 in 0..L-1; weights: (N, *S) float or None (one vote each).
+    label_index: (N, *S) integer in 0..L-1; weights: (N, *S) float or None (one vote each).
     Returns (L, *S) float32. Memory stays at O(L * S): atlases are added one at a time.
     """
     n = label_index.shape[0]
@@ -78,7 +78,7 @@ def one_hot_counts(label_index: torch.Tensor, num_labels: int, weights: torch.Te
     votes = torch.zeros((num_labels,) + tuple(spatial), dtype=torch.float32, device=label_index.device)
     flat = votes.view(num_labels, -1)
     for i in range(n):
-        idx = label_index[i].reshape(1, -1)
+        idx = label_index[i].reshape(1, -1).long()
         if weights is None:
             src = torch.ones(idx.shape, dtype=torch.float32, device=idx.device)
         else:

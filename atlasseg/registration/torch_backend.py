@@ -53,6 +53,8 @@ class TorchRegistrationSettings:
     svf_steps: int = 7              # scaling-and-squaring steps (svf model)
     inverse_iterations: int = 20    # fixed-point iterations of the inverse (compositive model)
     init: str = "moments"           # "moments" (centres of mass), "center" (grid centres) or "identity"
+    max_voxels: int = 1_500_000     # the finest level is coarsened (x2 per step) until it has at most this many
+                                    # voxels; fields are then upsampled to the full grid (large volumes only)
     affine: bool = True
     deformable: bool = True
 
@@ -71,8 +73,9 @@ class AffineDeformable:
     """Result of the torch optimisation for N atlases (all on the target grid)."""
 
     affine: torch.Tensor          # (N, 4, 4) physical, target -> atlas
-    velocity: torch.Tensor        # (N, 3, Z, Y, X) voxel units of the target grid, channels (z, y, x):
+    velocity: torch.Tensor        # (N, 3, z, y, x) voxel units of the finest level's grid, channels (z, y, x):
     model: str                    # the velocity for "svf", the displacement itself for "compositive"
+    working_geometry: Geometry    # the grid of ``velocity`` (the finest level)
     final_loss: list[float]
 
 
@@ -190,7 +193,10 @@ def register_batch(target: torch.Tensor, target_geometry: Geometry, atlases: Seq
     """
     device = target.device
     n = len(atlases)
-    levels = settings.levels
+    base = 1
+    while np.prod([int(np.ceil(s / base)) for s in target_geometry.size]) > settings.max_voxels:
+        base *= 2
+    levels = tuple(f * base for f in settings.levels)
     if not (len(settings.affine_iterations) == len(levels) == len(settings.deformable_iterations)):
         raise ValueError("affine_iterations and deformable_iterations need one entry per level")
     shape = [max(a.shape[i] for a in atlases) for i in range(1, 4)]
@@ -250,7 +256,6 @@ def register_batch(target: torch.Tensor, target_geometry: Geometry, atlases: Seq
                     report(f"affine level {li + 1}/{len(levels)}")
     affine = _affine_matrix(m, t, center, radius, t0).detach()
 
-    full_shape = target_geometry.shape
     if settings.model not in ("compositive", "svf"):
         raise ValueError(f"unknown deformation model '{settings.model}': use 'compositive' or 'svf'")
     exp = VelocityExponential(settings.svf_steps)
@@ -280,12 +285,11 @@ def register_batch(target: torch.Tensor, target_geometry: Geometry, atlases: Seq
                 done += 1
                 if it % 10 == 0:
                     report(f"deformable level {li + 1}/{len(levels)}")
-        if state.shape[2:] != torch.Size(full_shape):
-            state = _resize_field(state, full_shape)
     else:
-        state = torch.zeros(n, 3, *full_shape, device=device)
+        state = torch.zeros(n, 3, *level(levels[-1]).geometry.shape, device=device)
     report("registration done")
-    return AffineDeformable(affine, state.detach(), settings.model, [float(v) for v in losses.detach().cpu()])
+    return AffineDeformable(affine, state.detach(), settings.model, level(levels[-1]).geometry,
+                            [float(v) for v in losses.detach().cpu()])
 
 
 def invert_displacement(u: torch.Tensor, iterations: int = 20,
@@ -309,11 +313,20 @@ def _resize_field(velocity: torch.Tensor, shape: Sequence[int]) -> torch.Tensor:
 def fields_from_result(result: AffineDeformable, target_geometry: Geometry,
                        atlas_geometries: Sequence[Geometry], svf_steps: int = 7,
                        inverse_iterations: int = 20) -> list[tuple[DisplacementField, DisplacementField]]:
-    """Forward (target grid) and inverse (atlas grid) physical displacement fields per atlas."""
+    """Forward (target grid) and inverse (atlas grid) physical displacement fields per atlas.
+
+    The deformation is inverted on the working grid; fields on a coarser working grid are resampled in
+    physical space onto the target grid.
+    """
     device = result.velocity.device
     exp = VelocityExponential(svf_steps)
-    spacing_matrix = np.asarray(target_geometry.direction).reshape(3, 3) @ np.diag(target_geometry.spacing)
+    working = result.working_geometry
+    spacing_matrix = np.asarray(working.direction).reshape(3, 3) @ np.diag(working.spacing)
     voxel_to_mm = torch.as_tensor(spacing_matrix[:, ::-1].copy(), dtype=torch.float32, device=device)
+    resample = not working.same_as(target_geometry)
+    if resample:
+        target_pts = grid_points(target_geometry, device)[None]
+        working_w2i = torch.as_tensor(working.physical_to_index(), dtype=torch.float32, device=device)
     out = []
     with torch.no_grad():
         for k, atlas_geometry in enumerate(atlas_geometries):
@@ -322,9 +335,12 @@ def fields_from_result(result: AffineDeformable, target_geometry: Geometry,
                 u_vox, u_inv_vox = exp(v), exp(-v)
             else:
                 u_vox, u_inv_vox = v, invert_displacement(v, inverse_iterations, exp)
-            u = torch.einsum("nczyx,kc->nkzyx", u_vox, voxel_to_mm)[0]              # (3, Z, Y, X) mm
-            u_inv = torch.einsum("nczyx,kc->nkzyx", u_inv_vox, voxel_to_mm)[0]
-            out.append(fields_from_affine_and_displacement(result.affine[k], u, u_inv, target_geometry,
+            u = torch.einsum("nczyx,kc->nkzyx", u_vox, voxel_to_mm)                 # (1, 3, z, y, x) mm
+            u_inv = torch.einsum("nczyx,kc->nkzyx", u_inv_vox, voxel_to_mm)
+            if resample:
+                u = sample(u, working_w2i, target_pts)
+                u_inv = sample(u_inv, working_w2i, target_pts)
+            out.append(fields_from_affine_and_displacement(result.affine[k], u[0], u_inv[0], target_geometry,
                                                            atlas_geometry))
     return out
 
