@@ -1,0 +1,204 @@
+"""Running the headless engine (``python -m atlasseg segment ...``) in a background process.
+
+The process is started in its own process group so that Cancel stops it and anything it spawned; its
+``PROGRESS <fraction> <message>`` lines (``ATLASSEG_PROGRESS=lines``) are read by threads and handed to the
+caller through :meth:`EngineProcess.progressEvents`, so a GUI can poll from a timer without blocking.
+"""
+
+from __future__ import annotations
+
+import collections
+import importlib.util
+import os
+import queue
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+ENGINE_PACKAGE = "atlasseg"
+
+# Engine runtime dependencies installed on first use: (import name, pip requirement). torch comes from the
+# PyTorch extension; SimpleITK, numpy and vtk are Slicer's own and never installed.
+TORCH_REQUIREMENT = "torch>=2.4"
+PIP_DEPENDENCIES = (
+    ("monai", "monai>=1.4"),
+    ("picsl_greedy", "picsl-greedy>=1.4"),
+    ("safetensors", "safetensors>=0.4"),
+    ("tqdm", "tqdm>=4.60"),
+)
+STDERR_LINES_KEPT = 400
+
+
+class EngineError(RuntimeError):
+    """The engine failed; the message is meant for the user (no traceback)."""
+
+
+class EngineCancelled(RuntimeError):
+    """The run was cancelled by the user."""
+
+
+@dataclass(frozen=True)
+class ProgressEvent:
+    fraction: float
+    message: str
+
+
+def findEngineRoot(start: Path | None = None) -> Path:
+    """The folder that contains the ``atlasseg`` package.
+
+    Installed extension: beside the modules (``qt-scripted-modules/atlasseg``); source checkout: the
+    repository root, one level above the module folder.
+    """
+    moduleDir = (start or Path(__file__)).resolve().parents[1]
+    for candidate in (moduleDir, moduleDir.parent):
+        if (candidate / ENGINE_PACKAGE / "__init__.py").is_file():
+            return candidate
+    raise EngineError(f"the engine package '{ENGINE_PACKAGE}' was not found beside {moduleDir}; "
+                      "reinstall the extension")
+
+
+def pythonExecutable() -> str:
+    """Slicer's ``PythonSlicer`` when running inside Slicer, else this interpreter."""
+    found = shutil.which("PythonSlicer")
+    if found:
+        return found
+    beside = Path(sys.executable).with_name("PythonSlicer" + (".exe" if os.name == "nt" else ""))
+    return str(beside) if beside.is_file() else sys.executable
+
+
+def missingPipDependencies() -> list[str]:
+    """pip requirements of the engine that are not importable in this Python."""
+    return [requirement for module, requirement in PIP_DEPENDENCIES if importlib.util.find_spec(module) is None]
+
+
+def torchIsInstalled() -> bool:
+    return importlib.util.find_spec("torch") is not None
+
+
+def engineEnvironment(engineRoot: Path) -> dict[str, str]:
+    env = dict(os.environ)
+    env["ATLASSEG_PROGRESS"] = "lines"
+    env["PYTHONUNBUFFERED"] = "1"
+    env["PYTHONPATH"] = os.pathsep.join([str(engineRoot)] + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else []))
+    return env
+
+
+def parseProgressLine(line: str) -> ProgressEvent | None:
+    """``PROGRESS 0.4250 registration 3/10`` -> ProgressEvent(0.425, 'registration 3/10')."""
+    parts = line.strip().split(" ", 2)
+    if len(parts) < 2 or parts[0] != "PROGRESS":
+        return None
+    try:
+        fraction = float(parts[1])
+    except ValueError:
+        return None
+    return ProgressEvent(min(max(fraction, 0.0), 1.0), parts[2] if len(parts) > 2 else "")
+
+
+def readableEngineError(returnCode: int, stderrLines: Sequence[str]) -> str:
+    """One readable sentence for a failed run, from the exit code and the engine's stderr."""
+    lines = [line.strip() for line in stderrLines if line.strip()]
+    for line in reversed(lines):  # the CLI's own one-line reason: "atlasseg segment: error: ..."
+        if line.startswith(f"{ENGINE_PACKAGE} ") and ": error: " in line:
+            return line.split(": error: ", 1)[1]
+    if returnCode < 0:
+        return (f"the engine process was stopped by signal {-returnCode}; the computer may have run out of "
+                "memory (try fewer atlases or the CPU device)")
+    last = lines[-1] if lines else f"exit code {returnCode}"
+    if "out of memory" in last.lower():
+        return f"the GPU ran out of memory ({last}); choose Device: CPU or fewer atlases"
+    if last.startswith("ModuleNotFoundError"):
+        return f"a dependency of the engine is missing ({last}); open the module again to install it"
+    return f"the engine stopped unexpectedly: {last} (full log in the Python console)"
+
+
+class EngineProcess:
+    """A running engine command: non-blocking progress, cancel of the whole process tree, captured stderr."""
+
+    def __init__(self, command: Sequence[str], env: dict[str, str] | None = None, cwd: str | None = None):
+        self.command = list(command)
+        self._events: queue.Queue[ProgressEvent] = queue.Queue()
+        self.stdoutLines: collections.deque[str] = collections.deque(maxlen=STDERR_LINES_KEPT)
+        self.stderrLines: collections.deque[str] = collections.deque(maxlen=STDERR_LINES_KEPT)
+        self.cancelled = False
+        self._process = subprocess.Popen(
+            self.command, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env,
+            cwd=cwd, text=True, encoding="utf-8", errors="replace", bufsize=1, **_processGroupArguments())
+        self._readers = [threading.Thread(target=self._readStdout, daemon=True),
+                         threading.Thread(target=self._readStderr, daemon=True)]
+        for reader in self._readers:
+            reader.start()
+
+    @property
+    def pid(self) -> int:
+        return self._process.pid
+
+    def _readStdout(self) -> None:
+        for line in self._process.stdout:
+            event = parseProgressLine(line)
+            if event is not None:
+                self._events.put(event)
+            else:
+                self.stdoutLines.append(line.rstrip("\n"))
+
+    def _readStderr(self) -> None:
+        for line in self._process.stderr:
+            self.stderrLines.append(line.rstrip("\n"))
+
+    def progressEvents(self) -> list[ProgressEvent]:
+        """Progress reported since the last call (never blocks)."""
+        events = []
+        while True:
+            try:
+                events.append(self._events.get_nowait())
+            except queue.Empty:
+                return events
+
+    def returnCode(self) -> int | None:
+        """None while running; once finished, also waits for the output readers to drain."""
+        code = self._process.poll()
+        if code is not None:
+            for reader in self._readers:
+                reader.join(timeout=5)
+        return code
+
+    def wait(self, timeout: float | None = None) -> int:
+        self._process.wait(timeout)
+        return self.returnCode()
+
+    def cancel(self, grace: float = 5.0) -> None:
+        """Stop the process and its children: terminate, then kill after ``grace`` seconds."""
+        if self._process.poll() is not None:
+            return
+        self.cancelled = True
+        _terminateTree(self._process, force=False)
+        try:
+            self._process.wait(grace)
+        except subprocess.TimeoutExpired:
+            _terminateTree(self._process, force=True)
+            self._process.wait()
+        self.returnCode()
+
+
+def _processGroupArguments() -> dict:
+    if os.name == "nt":
+        return {"creationflags": subprocess.CREATE_NEW_PROCESS_GROUP}
+    return {"start_new_session": True}
+
+
+def _terminateTree(process: subprocess.Popen, force: bool) -> None:
+    if os.name == "nt":  # taskkill /T ends the children too
+        subprocess.run(["taskkill", "/T"] + (["/F"] if force else []) + ["/PID", str(process.pid)],
+                       capture_output=True, check=False)
+        if force:
+            process.kill()
+        return
+    try:
+        os.killpg(process.pid, signal.SIGKILL if force else signal.SIGTERM)
+    except ProcessLookupError:
+        pass

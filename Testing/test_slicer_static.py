@@ -1,0 +1,237 @@
+"""Static checks of the Slicer extension: module code compiles, .ui and code agree, CMake lists real files,
+each .ui loads with PySide6's QUiLoader offscreen and renders to a PNG.
+
+``python Testing/test_slicer_static.py`` rewrites the committed panel screenshot.
+"""
+
+from __future__ import annotations
+
+import ast
+import os
+import py_compile
+import re
+import sys
+import xml.etree.ElementTree as ET
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+MODULES_WITH_GUI = ["DeepLabelFusion"]
+SCREENSHOT = REPO / "DeepLabelFusion" / "Resources" / "Screenshots" / "DeepLabelFusion_panel.png"
+
+
+def module_python_files(module: str) -> list[Path]:
+    return sorted((REPO / module).rglob("*.py"))
+
+
+def ui_file(module: str) -> Path:
+    return REPO / module / "Resources" / "UI" / f"{module}.ui"
+
+
+def ui_object_names(path: Path) -> dict[str, str]:
+    """objectName -> class of every widget in a .ui file."""
+    return {w.get("name"): w.get("class") for w in ET.parse(path).getroot().iter("widget")}
+
+
+def ui_parameter_names(path: Path) -> set[str]:
+    names = set()
+    for widget in ET.parse(path).getroot().iter("widget"):
+        for prop in widget.findall("property"):
+            if prop.get("name") == "SlicerParameterName":
+                names.add(prop.findtext("string"))
+    return names
+
+
+def parameter_node_fields(module_py: Path) -> set[str]:
+    """Annotated fields of the @parameterNodeWrapper class in a module file."""
+    tree = ast.parse(module_py.read_text())
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ClassDef) and any(
+                getattr(d, "id", None) == "parameterNodeWrapper" for d in node.decorator_list):
+            return {s.target.id for s in node.body if isinstance(s, ast.AnnAssign)}
+    raise AssertionError(f"{module_py}: no @parameterNodeWrapper class")
+
+
+def cmake_list(text: str, variable: str) -> list[str]:
+    match = re.search(r"set\(\s*" + variable + r"\s+(.*?)\)", text, re.S)
+    assert match, f"set({variable} ...) not found"
+    return [item.strip('"') for item in match.group(1).split() if not item.startswith("#")]
+
+
+@pytest.mark.parametrize("module", MODULES_WITH_GUI)
+def test_every_module_python_file_compiles(module, tmp_path):
+    files = module_python_files(module)
+    assert len(files) >= 4, files  # module, Lib package (3+ files)
+    for path in files:
+        py_compile.compile(str(path), cfile=str(tmp_path / (path.name + "c")), doraise=True)
+
+
+@pytest.mark.parametrize("module", MODULES_WITH_GUI)
+def test_widget_names_used_in_code_exist_in_ui(module):
+    names = ui_object_names(ui_file(module))
+    used = set(re.findall(r"self\.ui\.(\w+)", (REPO / module / f"{module}.py").read_text()))
+    assert len(used) >= 15, used
+    missing = sorted(used - set(names))
+    assert not missing, f"{module}.py uses widgets missing from {module}.ui: {missing}"
+
+
+@pytest.mark.parametrize("module", MODULES_WITH_GUI)
+def test_ui_parameter_names_are_parameter_node_fields(module):
+    bound = ui_parameter_names(ui_file(module))
+    fields = parameter_node_fields(REPO / module / f"{module}.py")
+    assert {"targetVolume", "atlasFolder", "nAtlases", "jlfAlpha"} <= bound
+    assert bound <= fields, f"SlicerParameterName without a parameter: {sorted(bound - fields)}"
+
+
+@pytest.mark.parametrize("module", MODULES_WITH_GUI)
+def test_module_cmake_lists_existing_files(module):
+    text = (REPO / module / "CMakeLists.txt").read_text()
+    assert "slicerMacroBuildScriptedModule" in text and "WITH_GENERIC_TESTS" in text
+    assert "slicer_add_python_unittest" in text
+    scripts = cmake_list(text, "MODULE_PYTHON_SCRIPTS")
+    resources = cmake_list(text, "MODULE_PYTHON_RESOURCES")
+    listed = [s.replace("${MODULE_NAME}", module) for s in scripts + resources]
+    assert f"{module}.py" in listed and f"Resources/UI/{module}.ui" in listed
+    assert f"Resources/Icons/{module}.png" in listed
+    missing = [item for item in listed if not (REPO / module / item).is_file()]
+    assert not missing, missing
+    lib_files = {p.relative_to(REPO / module).as_posix() for p in (REPO / module / f"{module}Lib").glob("*.py")}
+    assert lib_files <= set(listed), f"Lib files not installed by CMake: {sorted(lib_files - set(listed))}"
+    for sub in re.findall(r"add_subdirectory\((\w+)\)", text):
+        assert (REPO / module / sub / "CMakeLists.txt").is_file()
+
+
+def test_extension_cmake_metadata_and_files():
+    text = (REPO / "CMakeLists.txt").read_text()
+    for key in ("EXTENSION_HOMEPAGE", "EXTENSION_CATEGORY", "EXTENSION_CONTRIBUTORS", "EXTENSION_DESCRIPTION",
+                "EXTENSION_ICONURL", "EXTENSION_SCREENSHOTURLS"):
+        assert re.search(rf'set\({key}\s+"[^"]+"\)', text), f"{key} missing or empty"
+    assert re.search(r'set\(EXTENSION_DEPENDS\s+"?PyTorch"?\)', text)
+    assert "Slicer_EXTENSION_GENERATE_CONFIG" in text and "Slicer_EXTENSION_CPACK" in text
+    for url_key in ("EXTENSION_ICONURL", "EXTENSION_SCREENSHOTURLS"):
+        url = re.search(rf'set\({url_key}\s+"([^"]+)"\)', text).group(1)
+        repo_path = url.split("/main/", 1)[1]
+        assert (REPO / repo_path).is_file(), f"{url_key} points to a missing file {repo_path}"
+    for module in MODULES_WITH_GUI:
+        assert module in text and (REPO / module / "CMakeLists.txt").is_file()
+    engine_files = cmake_engine_files(text)
+    assert "atlasseg/__init__.py" in engine_files and "atlasseg/cli.py" in engine_files
+
+
+def cmake_engine_files(text: str) -> list[str]:
+    """The engine files the top-level CMake installs (its glob evaluated here)."""
+    match = re.search(r'file\(GLOB_RECURSE\s+ATLASSEG_ENGINE_SCRIPTS\s+RELATIVE\s+\S+\s+"?([^")\s]+)"?', text)
+    assert match, "engine install glob not found"
+    pattern = match.group(1).replace("${CMAKE_CURRENT_SOURCE_DIR}/", "")
+    return sorted(p.relative_to(REPO).as_posix() for p in REPO.glob(pattern.replace("*.py", "**/*.py")))
+
+
+@pytest.mark.parametrize("module", MODULES_WITH_GUI)
+def test_icon_is_a_128_pixel_png(module):
+    data = (REPO / module / "Resources" / "Icons" / f"{module}.png").read_bytes()
+    assert data[:8] == b"\x89PNG\r\n\x1a\n"
+    width, height = int.from_bytes(data[16:20], "big"), int.from_bytes(data[20:24], "big")
+    assert (width, height) == (128, 128)
+
+
+# ---------------------------------------------------------------------------------------------- Qt (.ui)
+
+def qt_app():
+    os.environ.setdefault("QT_QPA_PLATFORM", "offscreen")
+    widgets = pytest.importorskip("PySide6.QtWidgets", reason="PySide6 is not installed (pip install PySide6)")
+    pytest.importorskip("PySide6.QtUiTools", reason="PySide6 QtUiTools is not installed")
+    return widgets.QApplication.instance() or widgets.QApplication([])
+
+
+def load_ui(path: Path, loader=None):
+    from PySide6.QtCore import QFile
+    from PySide6.QtUiTools import QUiLoader
+
+    loader = loader or QUiLoader()
+    handle = QFile(str(path))
+    assert handle.open(QFile.ReadOnly)
+    widget = loader.load(handle)
+    handle.close()
+    assert widget is not None, loader.errorString()
+    return widget
+
+
+@pytest.mark.parametrize("module", MODULES_WITH_GUI)
+def test_ui_loads_offscreen_with_base_class_fallback(module):
+    qt_app()
+    from PySide6.QtWidgets import QPushButton, QTableView, QWidget
+
+    widget = load_ui(ui_file(module))
+    names = ui_object_names(ui_file(module))
+    for name, cls in names.items():
+        child = widget if name == module else widget.findChild(QWidget, name)
+        assert child is not None, f"{name} ({cls}) not created"
+    assert widget.findChild(QWidget, "inputsCollapsibleButton").property("text") == "Inputs"
+    assert isinstance(widget.findChild(QWidget, "metricsTableView"), QTableView)  # qMRMLTableView -> QTableView
+    assert isinstance(widget.findChild(QWidget, "applyButton"), QPushButton)
+
+
+def render_panel(module: str, png: Path) -> tuple[int, int]:
+    """Render the module panel, Slicer widgets replaced by look-alike Qt widgets and an example state filled in."""
+    qt_app()
+    from PySide6.QtUiTools import QUiLoader
+    from PySide6.QtWidgets import QComboBox, QGroupBox, QLineEdit, QSlider, QTableView, QWidget
+
+    class LookAlikeLoader(QUiLoader):
+        STAND_INS = {"ctkCollapsibleButton": QGroupBox, "qMRMLNodeComboBox": QComboBox, "ctkPathLineEdit": QLineEdit,
+                     "qMRMLTableView": QTableView, "qMRMLWidget": QWidget}
+
+        def createWidget(self, class_name, parent=None, name=""):
+            if class_name == "ctkSliderWidget":
+                from PySide6.QtCore import Qt
+
+                widget = QSlider(Qt.Horizontal, parent)
+            elif class_name in self.STAND_INS:
+                widget = self.STAND_INS[class_name](parent)
+            else:
+                return super().createWidget(class_name, parent, name)
+            widget.setObjectName(name)
+            return widget
+
+    sys.path.insert(0, str(REPO / module))
+    from DeepLabelFusionLib import METHODS
+
+    panel = load_ui(ui_file(module), LookAlikeLoader())
+    for box in panel.findChildren(QGroupBox):
+        box.setTitle(str(box.property("text") or ""))
+    examples = {"targetVolumeSelector": "case_017 T1", "extraModality1Selector": "None",
+                "extraModality2Selector": "None", "referenceSegmentationSelector": "case_017 manual segmentation",
+                "atlasImageSelector": "None", "atlasSegmentationSelector": "None", "mapSelector": "None",
+                "backendComboBox": "Torch (GPU when present)", "presetComboBox": "Default", "deviceComboBox": "Auto"}
+    for name, text in examples.items():
+        panel.findChild(QComboBox, name).addItem(text)
+    panel.findChild(QComboBox, "methodComboBox").addItems(list(METHODS.values()))
+    panel.findChild(QComboBox, "methodComboBox").setCurrentIndex(2)
+    panel.findChild(QLineEdit, "atlasFolderPathLineEdit").setText("/data/atlases/hippocampus")
+    for hidden in ("atlasPairsWidget", "modelFolderLabel", "modelFolderPathLineEdit", "progressBar"):
+        panel.findChild(QWidget, hidden).hide()
+    panel.findChild(QWidget, "applyButton").setEnabled(True)
+    panel.findChild(QSlider, "mapOpacitySlider").setValue(50)
+    panel.resize(440, panel.sizeHint().height() + 40)
+    image = panel.grab().toImage()
+    png.parent.mkdir(parents=True, exist_ok=True)
+    assert image.save(str(png)), png
+    return image.width(), image.height()
+
+
+def test_panel_renders_to_png(tmp_path):
+    png = tmp_path / "DeepLabelFusion_panel.png"
+    width, height = render_panel("DeepLabelFusion", png)
+    from PySide6.QtGui import QImage
+
+    image = QImage(str(png))
+    assert (image.width(), image.height()) == (width, height)
+    assert width >= 400 and height >= 500
+    colours = {image.pixel(x, y) for x in range(0, width, 7) for y in range(0, height, 7)}
+    assert len(colours) > 20, "the rendering is blank"
+    assert SCREENSHOT.is_file(), "commit a rendering: python Testing/test_slicer_static.py"
+
+
+if __name__ == "__main__":
+    print(render_panel("DeepLabelFusion", SCREENSHOT), SCREENSHOT)
