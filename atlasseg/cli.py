@@ -32,8 +32,10 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--target", nargs="+", required=True, help="target image(s), one per modality")
     p.add_argument("--atlases", required=True, help="atlas set folder (dataset.json, imagesTr, labelsTr)")
     p.add_argument("--output", required=True, help="output folder (segmentation.nii.gz, maps/, run.json)")
-    p.add_argument("--method", choices=METHODS, default="jlf")
-    p.add_argument("--n-atlases", type=int, default=10, help="atlases drawn with --seed (default 10)")
+    p.add_argument("--method", choices=METHODS + ("dlf",), default="jlf")
+    p.add_argument("--model", help="trained Deep Label Fusion model folder (with --method dlf)")
+    p.add_argument("--n-atlases", type=int, default=None,
+                   help="atlases drawn with --seed (default 10; for dlf the number the model was trained with)")
     p.add_argument("--atlas-ids", nargs="*", help="use exactly these atlas case ids")
     p.add_argument("--exclude", nargs="*", default=[], help="case ids never used as atlases (e.g. the target)")
     p.add_argument("--seed", type=int, default=0)
@@ -47,6 +49,31 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     _add_registration_args(p)
 
+    p = sub.add_parser("dlf-train", help="train a Deep Label Fusion model on an atlas set")
+    p.add_argument("--atlases", required=True, help="atlas set folder: targets and atlas pool for training")
+    p.add_argument("--output", required=True, help="model folder (model.safetensors, config.json, log, curves)")
+    p.add_argument("--epochs", type=int, default=20)
+    p.add_argument("--n-atlases", type=int, default=5, help="atlases per training target, re-drawn every epoch")
+    p.add_argument("--candidates", type=int, default=None,
+                   help="atlases registered per training target (default: every other case)")
+    p.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, gpu or cuda:N")
+    p.add_argument("--resume", action="store_true", help="continue an interrupted run from its last checkpoint")
+    p.add_argument("--val-fraction", type=float, default=0.1, help="share of targets held out for validation")
+    p.add_argument("--cache", help="registration cache folder (default OUTPUT/registration_cache)")
+    p.add_argument("--patch-size", type=int, nargs=3, default=[48, 48, 48], metavar=("Z", "Y", "X"))
+    p.add_argument("--vote-channels", type=int, nargs="+", default=[32, 64, 128])
+    p.add_argument("--finetune-channels", type=int, nargs="+", default=[32, 64, 128, 256])
+    p.add_argument("--no-weighted-voting", action="store_true", help="ablation: uniform voting weights")
+    p.add_argument("--no-finetune", action="store_true", help="ablation: no fine-tuning subnet")
+    p.add_argument("--no-mask", action="store_true", help="ablation: no atlas-union masking")
+    p.add_argument("--lr", type=float, default=5e-4)
+    p.add_argument("--schedule", choices=("step", "cosine"), default="step")
+    p.add_argument("--loss", choices=("gdl", "gdl_ce"), default="gdl_ce")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--backend", choices=BACKENDS, default="torch", help="registration backend (default torch)")
+    p.add_argument("--preset", choices=PRESETS, default="default", help="registration quality preset")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+
     p = sub.add_parser("evaluate", help="metrics of a prediction against a reference")
     p.add_argument("--prediction", required=True)
     p.add_argument("--reference", required=True)
@@ -54,7 +81,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--output", help="write .json or .csv")
 
     p = sub.add_parser("benchmark", help="the fixed benchmark protocols (results into BENCHMARKS.md)")
-    p.add_argument("suite", choices=("hippocampus", "fetal"))
+    p.add_argument("suite", choices=("hippocampus", "fetal", "dlf-hippocampus", "dlf-fetal-sb", "dlf-generalise"))
     p.add_argument("--data", help="data folder (default ../shared/data/<suite>)")
     p.add_argument("--targets", type=int, default=None, help="limit the number of targets (default: all)")
     p.add_argument("--no-ants", action="store_true", help="skip the antspyx peer")
@@ -62,6 +89,15 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--markdown", default="BENCHMARKS.md", help="file to update with the results table")
     p.add_argument("--json", help="also write raw per-target results")
     p.add_argument("--device", default="cpu")
+    p.add_argument("--work", help="dlf suites: folder for registration cache and trained models "
+                                  "(default ../dlf_benchmark_work)")
+    p.add_argument("--epochs", type=int, default=None, help="dlf suites: training epochs (default: the suite's)")
+    p.add_argument("--train-targets", type=int, default=None, help="dlf suites: limit training targets (smoke)")
+    p.add_argument("--ablations", choices=("retrain", "switch-off"), default="retrain",
+                   help="dlf suites: train each ablation (paper) or switch parts off in the trained DLF")
+    p.add_argument("--reduced", action="store_true", help="dlf suites: tiny networks and patches (smoke test)")
+    p.add_argument("--train-data", help="dlf-generalise: atlas set to train on (its cases are the atlases)")
+    p.add_argument("--test-data", help="dlf-generalise: atlas set whose cases are the test targets")
 
     p = sub.add_parser("demo", help="run every fusion method on a phantom (or --data) and write a PNG")
     p.add_argument("--data", help="a real atlas set folder instead of the generated phantoms")
@@ -82,19 +118,41 @@ def _check_output(output: Path, inputs: list[Path]) -> None:
 
 
 def _segment(args) -> int:
-    from .metrics import segmentation_metrics, write_metrics
     from .pipeline import segment
 
     atlas_set = load_atlas_set(args.atlases)
     _check_output(Path(args.output), [Path(args.atlases)] + [Path(t) for t in args.target])
     target = load_target(args.target, len(atlas_set.modalities))
+    if args.method == "dlf":
+        return _segment_dlf(args, atlas_set, target)
+    if args.model:
+        raise ValueError("--model is only used with --method dlf")
     params = {}
     if args.method == "jlf":
         params = {"alpha": args.jlf_alpha, "beta": args.jlf_beta, "patch_radius": args.jlf_patch_radius,
                   "search_radius": args.jlf_search_radius}
-    result = segment(target, atlas_set, method=args.method, n_atlases=args.n_atlases, atlas_ids=args.atlas_ids,
+    result = segment(target, atlas_set, method=args.method, n_atlases=args.n_atlases or 10, atlas_ids=args.atlas_ids,
                      exclude=args.exclude, backend=args.backend, device=args.device, preset=args.preset,
                      fusion_params=params, seed=args.seed, show_progress=not args.quiet)
+    _write_result(args, atlas_set, result)
+    return 0
+
+
+def _segment_dlf(args, atlas_set, target) -> int:
+    from .dlf.inference import segment_dlf
+
+    if not args.model:
+        raise ValueError("--method dlf needs --model MODEL_FOLDER (see atlasseg dlf-train)")
+    result = segment_dlf(target, atlas_set, args.model, n_atlases=args.n_atlases, atlas_ids=args.atlas_ids,
+                         exclude=args.exclude, backend=args.backend, device=args.device, preset=args.preset,
+                         seed=args.seed, maps=args.maps, show_progress=not args.quiet)
+    _write_result(args, atlas_set, result)
+    return 0
+
+
+def _write_result(args, atlas_set, result) -> None:
+    from .metrics import segmentation_metrics, write_metrics
+
     reference = read_label(Path(args.reference)) if args.reference else None
     written = result.save(args.output, maps=args.maps, transforms=args.transforms, reference=reference)
     print(f"segmentation: {written['segmentation']}")
@@ -103,7 +161,6 @@ def _segment(args) -> int:
         metrics = segmentation_metrics(result.segmentation, reference, names)
         write_metrics(metrics, Path(args.output) / "metrics.json")
         print(" ".join(f"dice[{n}]={metrics['labels'][v]['dice']:.3f}" for v, n in names.items()))
-    return 0
 
 
 def _evaluate(args) -> int:
@@ -133,7 +190,33 @@ def _demo(args) -> int:
     return 0
 
 
+def _dlf_train(args) -> int:
+    from .dlf.networks import DLFConfig
+    from .dlf.train import TrainConfig, train
+
+    atlas_set = load_atlas_set(args.atlases)
+    _check_output(Path(args.output), [Path(args.atlases)])
+    architecture = DLFConfig(n_labels=len(atlas_set.labels), n_modalities=len(atlas_set.modalities),
+                             vote_channels=tuple(args.vote_channels), finetune_channels=tuple(args.finetune_channels),
+                             use_weighted_voting=not args.no_weighted_voting, use_finetune=not args.no_finetune,
+                             use_mask=not args.no_mask)
+    config = TrainConfig(epochs=args.epochs, n_atlases=args.n_atlases, patch_size=tuple(args.patch_size),
+                         learning_rate=args.lr, schedule=args.schedule, loss=args.loss, val_fraction=args.val_fraction,
+                         candidates_per_target=args.candidates, seed=args.seed, backend=args.backend,
+                         preset=args.preset)
+    result = train(atlas_set, args.output, architecture, config, cache_dir=args.cache, device=args.device,
+                   resume=args.resume, show_progress=not args.quiet)
+    print(f"model: {result.folder} (best validation Dice {result.best_val_dice:.4f}, "
+          f"{result.seconds / 60:.1f} min)")
+    return 0
+
+
 def _benchmark(args) -> int:
+    if args.suite.startswith("dlf-"):
+        from .dlf.benchmark import run_dlf_benchmark
+
+        run_dlf_benchmark(args)
+        return 0
     from .benchmark import run_benchmark
 
     run_benchmark(args)
@@ -142,7 +225,8 @@ def _benchmark(args) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    handlers = {"segment": _segment, "evaluate": _evaluate, "demo": _demo, "benchmark": _benchmark}
+    handlers = {"segment": _segment, "evaluate": _evaluate, "demo": _demo, "benchmark": _benchmark,
+                "dlf-train": _dlf_train}
     try:
         return handlers[args.command](args)
     except (AtlasSetError, ImageError, ValueError, FileExistsError, FileNotFoundError, KeyError) as err:
