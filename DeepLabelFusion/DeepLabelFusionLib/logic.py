@@ -283,6 +283,11 @@ class FusionLogic:
             image = volumeNodeToImage(labelmap)
             return sitk.Cast(image, sitk.sitkUInt16 if max(colorTable.GetNumberOfColors(), 1) > 255 else sitk.sitkUInt8)
         finally:
+            display = labelmap.GetDisplayNode()
+            createdColors = display.GetColorNode() if display is not None else None
+            if createdColors is not None and (createdColors.GetName() or "").startswith("__AtlasSeg"):
+                # a colour table the export made for the temporary copy (never one of Slicer's defaults)
+                self.scene.RemoveNode(createdColors)
             self.scene.RemoveNode(labelmap)
             self.scene.RemoveNode(copy)
 
