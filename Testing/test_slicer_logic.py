@@ -525,3 +525,21 @@ def test_deep_label_fusion_passes_the_model_folder(phantom_atlases, phantom_targ
     written = sitk.ReadImage(command[command.index("--target") + 1])
     assert np.abs(np.subtract(written.GetOrigin(), phantom_target[0].GetOrigin())).max() < 1e-4
     assert np.array_equal(sitk.GetArrayFromImage(written), sitk.GetArrayFromImage(phantom_target[0]))
+
+
+def test_deep_label_fusion_initial_segmentation_is_loaded(weighted_run):
+    """The dlf CLI adds initial_segmentation.nii.gz to run.json's files; here the weighted run's output folder
+    gets one (a copy of its segmentation with the tissue label removed) to check that it is loaded, hidden."""
+    output = weighted_run["work"] / "output"
+    segmentation = sitk.ReadImage(str(output / "segmentation.nii.gz"))
+    initial = sitk.ChangeLabel(segmentation, changeMap={1.0: 0.0})
+    sitk.WriteImage(initial, str(output / "initial_segmentation.nii.gz"))
+    run = json.loads((output / "run.json").read_text())
+    run["files"]["initial_segmentation"] = str(output / "initial_segmentation.nii.gz")
+    (output / "run.json").write_text(json.dumps(run))
+    result = weighted_run["logic"].loadResults(output, FusionInputs(weighted_run["target"]),
+                                               FusionSettings(method="dlf"))
+    assert result.initialSegmentation.GetName() == "Deep Label Fusion - phantom target initial segmentation"
+    assert sorted(segment_names(result.initialSegmentation)) == ["deep nucleus", "hippocampus", "ventricles"]
+    assert not result.initialSegmentation.GetDisplayNode().GetVisibility()
+    assert sorted(segment_names(result.segmentation)) == ["deep nucleus", "hippocampus", "tissue", "ventricles"]

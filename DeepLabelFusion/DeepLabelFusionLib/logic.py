@@ -105,6 +105,7 @@ class FusionResultNodes:
     oracle: object = None
     metricsTable: object = None
     metrics: dict | None = None
+    initialSegmentation: object = None               # Deep Label Fusion only
     run: dict = field(default_factory=dict)          # the engine's run.json
 
     def maps(self) -> list:
@@ -341,6 +342,11 @@ class FusionLogic:
         self._placeInFolder(segmentationNode, folder)
         result = FusionResultNodes(folder, segmentationNode, colorTable, run=run)
         files = {key: Path(path) for key, path in run.get("files", {}).items()}
+        if "initial_segmentation" in files:  # Deep Label Fusion: the weighted-voting stage before fine-tuning
+            result.initialSegmentation = self._segmentationNodeFromLabelFile(
+                files["initial_segmentation"], colorTable, f"{title} initial segmentation")
+            result.initialSegmentation.GetDisplayNode().SetVisibility(False)
+            self._placeInFolder(result.initialSegmentation, folder)
         votesFolder = sh.CreateFolderItem(folder, "Vote maps")
         for value, name in labels.items():
             if f"votes_{value}" in files:
