@@ -278,7 +278,9 @@ class Trainer:
 
     # -- run ---------------------------------------------------------------------------------------------------
     def _identity(self) -> dict:
-        return {"architecture": self.architecture.to_dict(), "training": self.config.to_dict(),
+        """What a resumed run must share with the interrupted one (everything but the number of epochs)."""
+        training = {k: v for k, v in self.config.to_dict().items() if k != "epochs"}
+        return {"architecture": self.architecture.to_dict(), "training": training,
                 "atlas_set": self.atlas_set.name, "train_ids": self.train_ids, "val_ids": self.val_ids}
 
     def run(self, resume: bool = False) -> TrainResult:
