@@ -15,6 +15,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import SimpleITK as sitk
 import vtk
 
@@ -28,7 +29,14 @@ from .engine import (
     pythonExecutable,
     readableEngineError,
 )
-from .geometry import GeometryError, updateVolumeNodeFromImage, volumeNodeToImage
+from .geometry import (
+    GeometryError,
+    numpyToVtkMatrix,
+    updateVolumeNodeFromImage,
+    volumeNodeToImage,
+    vtkMatrixToNumpy,
+    worldIjkToRas,
+)
 
 METHODS = {  # engine name -> label shown to the user
     "majority": "Majority voting",
@@ -65,6 +73,7 @@ MAP_STYLES = {
     "oracle": MapStyle("vtkMRMLColorTableNodeRed", "Red", (0.0, 1.0), (0.0, 0.5), 0.7),  # shows the uncovered voxels
 }
 MAP_KIND_ATTRIBUTE = "AtlasSeg.MapKind"
+OUTPUT_GRID_TOLERANCE = 1e-3   # mm; NIfTI stores the grid in float32
 TARGET_REFERENCE_ROLE = "AtlasSegTarget"
 METRIC_COLUMNS = (("dice", "Dice"), ("jaccard", "Jaccard"), ("hd95", "HD95 (mm)"), ("assd", "ASSD (mm)"),
                   ("sensitivity", "Sensitivity"), ("precision", "Precision"))
@@ -135,6 +144,7 @@ class FusionLogic:
         self.scene = scene
         self.python = python or pythonExecutable()
         self.processFactory = processFactory or (lambda command, env: EngineProcess(command, env))
+        self._targetGrid = None   # world IJK-to-RAS of the target whose results are being loaded
 
     # ------------------------------------------------------------------ validation
     def inputProblems(self, inputs: FusionInputs, settings: FusionSettings) -> list[str]:
@@ -332,6 +342,7 @@ class FusionLogic:
         labels = {int(v): name for v, name in run["labels"].items()}
         colors = colors or {v: PALETTE[(v - 1) % len(PALETTE)] for v in labels if v}
         target = inputs.targetVolume
+        self._targetGrid = worldIjkToRas(target)
         title = f"{METHODS.get(settings.method, settings.method)} - {target.GetName()}"
         sh = self.scene.GetSubjectHierarchyNode()
         folder = sh.CreateFolderItem(sh.GetSceneItemID(), self.scene.GenerateUniqueName(title))
@@ -376,7 +387,7 @@ class FusionLogic:
     def _segmentationNodeFromLabelFile(self, path: Path, colorTable, name: str):
         labelmap = self.scene.AddNewNodeByClass("vtkMRMLLabelMapVolumeNode", "__AtlasSegResult")
         try:
-            _volumeFromFile(labelmap, path)
+            _volumeFromFile(labelmap, path, self._targetGrid)
             labelmap.CreateDefaultDisplayNodes()
             labelmap.GetDisplayNode().SetAndObserveColorNodeID(colorTable.GetID())
             segmentationNode = self.scene.AddNewNodeByClass("vtkMRMLSegmentationNode", name)
@@ -392,7 +403,7 @@ class FusionLogic:
 
     def _mapNode(self, path: Path, name: str, kind: str, targetNode):
         node = self.scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", name)
-        _volumeFromFile(node, path)
+        _volumeFromFile(node, path, self._targetGrid)
         node.SetAttribute(MAP_KIND_ATTRIBUTE, kind)
         node.SetNodeReferenceID(TARGET_REFERENCE_ROLE, targetNode.GetID())
         node.CreateDefaultDisplayNodes()
@@ -540,8 +551,15 @@ def readAtlasFolderLabels(folder: Path) -> dict[int, str]:
     return labels
 
 
-def _volumeFromFile(volumeNode, path: Path) -> None:
+def _volumeFromFile(volumeNode, path: Path, gridIjkToRas: np.ndarray | None = None) -> None:
+    """Load an engine output; where it lies on ``gridIjkToRas`` up to NIfTI's float32 rounding, use that grid
+    exactly, so results overlay the target voxel for voxel."""
     updateVolumeNodeFromImage(volumeNode, sitk.ReadImage(str(path)))
+    if gridIjkToRas is not None:
+        matrix = vtk.vtkMatrix4x4()
+        volumeNode.GetIJKToRASMatrix(matrix)
+        if np.abs(vtkMatrixToNumpy(matrix) - gridIjkToRas).max() < OUTPUT_GRID_TOLERANCE:
+            volumeNode.SetIJKToRASMatrix(numpyToVtkMatrix(gridIjkToRas))
 
 
 def _segmentationsLogic(scene):
