@@ -1,0 +1,294 @@
+"""DLF benchmarks (results into BENCHMARKS.md): ``atlasseg benchmark dlf-hippocampus | dlf-fetal-sb | dlf-generalise``.
+
+dlf-hippocampus: the classic protocol. Sorted case ids; the 40 test targets are index % 5 == 0; training uses only
+the other 160 (as targets and as the atlas pool); every test target is segmented with the same 10 atlases as the
+classic benchmark (drawn from the pool with seed 0). Methods: DLF, DLF without the fine-tuning subnet, DLF without
+weighted voting (each trained, or with ``--ablations switch-off`` the trained DLF with that part switched off), our
+JLF, majority voting and a plain 3D U-Net with the fine-tuning subnet's architecture trained on the images with the
+same budget; plus oracle(10%) coverage.
+dlf-fetal-sb: train on the operated fetal-sb cases (GA 25-34), test on the not-operated ones (GA 21-25) with the
+operated cases as atlases. dlf-generalise: the same with any two atlas sets (``--train-data``, ``--test-data``).
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import shlex
+import sys
+import time
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..atlas import AtlasSet, AtlasSetError, load_atlas_set
+from ..benchmark import PeakMemory, git_commit, machine_description, update_markdown
+from ..device import resolve_device
+from ..fusion import fuse, oracle_coverage
+from ..io import Geometry, label_pixel_type, tensor_to_image
+from ..metrics import segmentation_metrics
+from .data import RegistrationCache
+from .inference import predict
+from .model_io import load_model
+from .networks import DLFConfig, build_model
+from .train import TrainConfig, train
+
+VARIANTS = {"dlf": "DLF", "dlf_no_finetune": "DLF without fine-tuning subnet",
+            "dlf_no_weighted_voting": "DLF without weighted voting", "unet": "plain 3D U-Net (same budget)"}
+CLASSIC = {"jlf": "JLF (ours)", "majority": "majority voting"}
+
+
+@dataclass
+class Protocol:
+    """Which cases train, which are tested, with which atlases, and the training budget."""
+
+    name: str
+    train_set: AtlasSet
+    train_ids: list[str]
+    test_set: AtlasSet
+    test_ids: list[str]
+    atlas_ids: list[str]
+    architecture: DLFConfig
+    training: TrainConfig
+
+
+def benchmark_configuration(suite: str, n_labels: int, n_modalities: int, reduced: bool = False,
+                            epochs: int | None = None) -> tuple[DLFConfig, TrainConfig]:
+    """The default DLF configuration of a suite, sized to train in under 2 hours on 2 CPU cores (hippocampus).
+
+    hippocampus: vote 16/32/64, fine-tune 16/32/64/128 channels, 32x48x32 patches (about a whole crop), 4 atlases
+    per step drawn from 6 cached registrations per training target, 12 epochs of 144 targets.
+    fetal-sb: same channels, 64^3 patches, 4 atlases, 8 patches per target and epoch, 20 epochs.
+    ``reduced``: 4/8/16 channels, 24x32x24 patches, 3 atlases: a smoke test of the command, not a result.
+    """
+    arch = DLFConfig(n_labels=n_labels, n_modalities=n_modalities, vote_channels=(16, 32, 64),
+                     finetune_channels=(16, 32, 64, 128))
+    if suite == "hippocampus":
+        cfg = TrainConfig(epochs=12, n_atlases=4, patch_size=(32, 48, 32), candidates_per_target=6,
+                          val_fraction=0.1, learning_rate=1e-3, schedule="cosine")
+    else:
+        cfg = TrainConfig(epochs=20, n_atlases=4, patch_size=(64, 64, 64), candidates_per_target=None,
+                          patches_per_target=8, val_fraction=0.1, learning_rate=1e-3, schedule="cosine")
+    if reduced:
+        arch = replace(arch, vote_channels=(4, 8, 16), finetune_channels=(4, 8, 16, 32))
+        cfg = replace(cfg, n_atlases=3, patch_size=(24, 32, 24), candidates_per_target=3, patches_per_target=1)
+    if epochs:
+        cfg = replace(cfg, epochs=epochs)
+    return arch, cfg
+
+
+def _shared_data(name: str) -> Path:
+    return Path(__file__).resolve().parents[2].parent / "shared" / "data" / name
+
+
+def hippocampus_protocol(data: Path, reduced: bool, epochs: int | None, n_train: int | None,
+                         n_test: int | None) -> Protocol:
+    atlas_set = load_atlas_set(data)
+    ids = sorted(atlas_set.case_ids)
+    test = [c for k, c in enumerate(ids) if k % 5 == 0]
+    pool = [c for k, c in enumerate(ids) if k % 5 != 0]
+    fixed = sorted(str(x) for x in np.random.default_rng(0).choice(pool, 10, replace=False))  # as the classic one
+    train_ids = pool[:n_train] if n_train else pool
+    arch, cfg = benchmark_configuration("hippocampus", len(atlas_set.labels), len(atlas_set.modalities), reduced,
+                                        epochs)
+    return Protocol("dlf-hippocampus", atlas_set, train_ids, atlas_set, test[:n_test] if n_test else test, fixed,
+                    arch, cfg)
+
+
+def generalisation_protocol(name: str, train_set: AtlasSet, train_ids: list[str], test_set: AtlasSet,
+                            test_ids: list[str], reduced: bool, epochs: int | None, n_test: int | None) -> Protocol:
+    atlas_ids = sorted(train_ids) if len(train_ids) <= 10 else \
+        sorted(str(x) for x in np.random.default_rng(0).choice(sorted(train_ids), 10, replace=False))
+    arch, cfg = benchmark_configuration("fetal", len(train_set.labels), len(train_set.modalities), reduced, epochs)
+    return Protocol(name, train_set, sorted(train_ids), test_set, sorted(test_ids)[:n_test] if n_test else
+                    sorted(test_ids), atlas_ids, arch, cfg)
+
+
+def fetal_protocol(data: Path, reduced: bool, epochs: int | None, n_test: int | None) -> Protocol:
+    atlas_set = load_atlas_set(data)
+    operated = [c for c in atlas_set.case_ids if c.endswith("_operated")]
+    not_operated = [c for c in atlas_set.case_ids if c.endswith("_notoperated")]
+    if not operated or not not_operated:
+        raise AtlasSetError(f"{data}: expected *_operated and *_notoperated cases (fetal-sb)")
+    return generalisation_protocol("dlf-fetal-sb", atlas_set, operated, atlas_set, not_operated, reduced, epochs,
+                                   n_test)
+
+
+def _combined(a: AtlasSet, b: AtlasSet) -> AtlasSet:
+    """One atlas set over both (for the registration cache); case ids must not collide."""
+    if a is b:
+        return a
+    clash = sorted(set(a.case_ids) & set(b.case_ids))
+    if clash:
+        raise AtlasSetError(f"{b.root}: case ids {clash[:3]} also in {a.root}; rename to evaluate across the sets")
+    if a.label_values != b.label_values or len(a.modalities) != len(b.modalities):
+        raise AtlasSetError(f"{b.root}: labels/modalities differ from {a.root}")
+    return AtlasSet(f"{a.name}+{b.name}", a.cases + b.cases, dict(a.labels), dict(a.modalities), None)
+
+
+def _variant_architecture(arch: DLFConfig, variant: str) -> DLFConfig:
+    return {"dlf": arch, "dlf_no_finetune": replace(arch, use_finetune=False),
+            "dlf_no_weighted_voting": replace(arch, use_weighted_voting=False),
+            "unet": replace(arch, kind="unet")}[variant]
+
+
+def train_variants(protocol: Protocol, work: Path, device: str, ablations: str, log=print) -> dict:
+    """Train (or resume) each variant's model under ``work/models``; returns {variant: (model, info)}."""
+    models = {}
+    to_train = list(VARIANTS) if ablations == "retrain" else ["dlf", "unet"]
+    for variant in to_train:
+        folder = work / "models" / variant
+        arch = _variant_architecture(protocol.architecture, variant)
+        resume = (folder / "checkpoint.pt").is_file()
+        log(f"training {VARIANTS[variant]} -> {folder}" + (" (resuming)" if resume else ""))
+        t0 = time.perf_counter()
+        with PeakMemory() as mem:
+            result = train(protocol.train_set, folder, arch, protocol.training, work / "cache", device,
+                           resume=resume, train_ids=protocol.train_ids, log=log, show_progress=False)
+        loaded = load_model(folder, resolve_device(device))
+        models[variant] = (loaded.model, {"train_s": result.seconds, "wall_s": time.perf_counter() - t0,
+                                          "peak_gib": mem.gib, "best_val_dice": result.best_val_dice,
+                                          "epochs": len(result.history)})
+    if ablations == "switch-off":
+        full, info = models["dlf"]
+        for variant in ("dlf_no_finetune", "dlf_no_weighted_voting"):
+            model = build_model(_variant_architecture(protocol.architecture, variant))
+            state = {k: v for k, v in full.state_dict().items() if k in model.state_dict()}
+            model.load_state_dict(state)
+            models[variant] = (model.to(resolve_device(device)).eval(), {**info, "switched_off_from": "dlf"})
+    return models
+
+
+def evaluate(protocol: Protocol, models: dict, work: Path, device: str, log=print) -> list[dict]:
+    """Segment every test target with every method; Dice and HD95 per label, time per target."""
+    combined = _combined(protocol.train_set, protocol.test_set)
+    reg = protocol.training
+    cache = RegistrationCache(work / "cache_test", combined, reg.backend, reg.preset, device)
+    t0 = time.perf_counter()
+    cache.ensure({t: protocol.atlas_ids for t in protocol.test_ids})
+    log(f"test registrations ready ({time.perf_counter() - t0:.0f} s)")
+    labels = protocol.test_set.label_values
+    names = {v: n for v, n in protocol.test_set.labels.items() if v != 0}
+    lab_t = torch.tensor(labels)
+    rows = []
+    for k, target_id in enumerate(protocol.test_ids):
+        case = cache.load(target_id, protocol.atlas_ids)
+        reference = protocol.test_set.load(target_id).label
+        geometry = Geometry.of(reference)
+        values = lab_t[case.atlas_labels]
+        _, coverage = oracle_coverage(values, lab_t[case.label], labels, 0.1)
+        row = {"target": target_id, "oracle10": coverage.get("foreground", float("nan")), "methods": {},
+               "registration_s": sum(cache.manifest["pairs"][f"{target_id}|{a}"]["registration_s"]
+                                     for a in protocol.atlas_ids)}
+        for variant, (model, _) in models.items():
+            pred = predict(model, case.target, case.atlas_images, case.atlas_labels, reg.patch_size, reg.overlap,
+                           device=device)
+            row["methods"][variant] = _score(lab_t[pred.segmentation_index], reference, geometry, names,
+                                             pred.seconds)
+        for method in CLASSIC:
+            start = time.perf_counter()
+            fused = fuse(method, case.target, case.atlas_images, values, labels)
+            row["methods"][method] = _score(fused.segmentation, reference, geometry, names,
+                                            time.perf_counter() - start)
+        rows.append(row)
+        dice = {m: round(float(np.mean(list(r["dice"].values()))), 3) for m, r in row["methods"].items()}
+        log(f"[{k + 1}/{len(protocol.test_ids)}] {target_id}: {dice}")
+    return rows
+
+
+def _score(segmentation: torch.Tensor, reference, geometry: Geometry, names: dict, seconds: float) -> dict:
+    image = tensor_to_image(segmentation.to(torch.int32), geometry, label_pixel_type(int(segmentation.max())))
+    m = segmentation_metrics(image, reference, names)
+    return {"dice": {v: m["labels"][v]["dice"] for v in names}, "hd95": {v: m["labels"][v]["hd95"] for v in names},
+            "seconds": seconds}
+
+
+def _mean(values) -> float:
+    return float(np.nanmean(np.asarray(values, dtype=float))) if len(values) else float("nan")
+
+
+def markdown(protocol: Protocol, rows: list[dict], models: dict, command: str, wall_s: float, commit: str,
+             device: str) -> str:
+    names = {v: n for v, n in protocol.test_set.labels.items() if v != 0}
+    methods = list(models) + list(CLASSIC)
+    label_cols = " | ".join(f"Dice {n}" for n in names.values())
+    hd_cols = " | ".join(f"HD95 {n} (mm)" for n in names.values())
+    lines = [f"Command: `{command}`  ", f"Machine: {machine_description()}; device {device}  ",
+             f"Date: {datetime.date.today().isoformat()}, commit {commit}, wall time {wall_s / 60:.1f} min  ",
+             f"Training targets: {len(protocol.train_ids)}; test targets: {len(rows)}; atlases per test target: "
+             f"{len(protocol.atlas_ids)} ({', '.join(protocol.atlas_ids)})  ",
+             f"Architecture: `{json.dumps(protocol.architecture.to_dict())}`  ",
+             f"Training: `{json.dumps({k: v for k, v in protocol.training.to_dict().items() if k != 'augment'})}`",
+             "", f"| method | {label_cols} | mean Dice | {hd_cols} | inference s/target |",
+             "|" + "---|" * (3 + 2 * len(names))]
+    summary = {}
+    for m in methods:
+        dice = [_mean([r["methods"][m]["dice"][v] for r in rows]) for v in names]
+        hd = [_mean([r["methods"][m]["hd95"][v] for r in rows]) for v in names]
+        summary[m] = dice
+        label = VARIANTS.get(m) or CLASSIC[m]
+        seconds = _mean([r["methods"][m]["seconds"] for r in rows])
+        lines.append(f"| {label} | " + " | ".join(f"{d:.4f}" for d in dice) + f" | {np.mean(dice):.4f} | "
+                     + " | ".join(f"{h:.2f}" for h in hd) + f" | {seconds:.2f} |")
+    lines += ["", f"Oracle(10%) foreground coverage: {_mean([r['oracle10'] for r in rows]):.4f}; registration "
+              f"{_mean([r['registration_s'] for r in rows]):.1f} s per test target "
+              f"({len(protocol.atlas_ids)} atlases)", "",
+              "| model | epochs | training time (min) | peak RSS GiB | best validation Dice |", "|---|---|---|---|---|"]
+    for m, (_, info) in models.items():
+        note = " (switched off in the trained DLF)" if "switched_off_from" in info else ""
+        lines.append(f"| {VARIANTS[m]}{note} | {info['epochs']} | {info['train_s'] / 60:.1f} | {info['peak_gib']:.2f} "
+                     f"| {info['best_val_dice']:.4f} |")
+    dlf, jlf, unet = summary["dlf"], summary["jlf"], summary["unet"]
+    lines += ["", "Targets of issue #3:",
+              f"- DLF >= 0.87 mean Dice on every label: {'met' if min(dlf) >= 0.87 else 'not met'} "
+              f"({', '.join(f'{d:.4f}' for d in dlf)})",
+              f"- DLF at least 0.02 above our JLF on every label: "
+              f"{'met' if all(d - j >= 0.02 for d, j in zip(dlf, jlf)) else 'not met'} "
+              f"({', '.join(f'{d - j:+.4f}' for d, j in zip(dlf, jlf))})",
+              f"- DLF above the plain U-Net: {'met' if np.mean(dlf) > np.mean(unet) else 'not met'} "
+              f"({np.mean(dlf) - np.mean(unet):+.4f} mean Dice)"]
+    return "\n".join(lines) + "\n"
+
+
+def run_dlf_benchmark(args) -> dict:
+    """Entry point of ``atlasseg benchmark dlf-*``."""
+    suite = args.suite
+    if suite == "dlf-hippocampus":
+        data = Path(args.data) if args.data else _shared_data("hippocampus")
+        if not (data / "dataset.json").is_file():
+            raise FileNotFoundError(f"{data}: benchmark data not found (expected ../shared/data/hippocampus)")
+        protocol = hippocampus_protocol(data, args.reduced, args.epochs, args.train_targets, args.targets)
+    elif suite == "dlf-fetal-sb":
+        data = Path(args.data) if args.data else _shared_data("fetal-sb")
+        if not (data / "dataset.json").is_file():
+            raise FileNotFoundError(f"{data}: benchmark data not found (expected ../shared/data/fetal-sb)")
+        protocol = fetal_protocol(data, args.reduced, args.epochs, args.targets)
+    else:
+        if not args.train_data or not args.test_data:
+            raise ValueError("dlf-generalise needs --train-data and --test-data atlas set folders")
+        train_set, test_set = load_atlas_set(args.train_data), load_atlas_set(args.test_data)
+        protocol = generalisation_protocol("dlf-generalise", train_set, train_set.case_ids, test_set,
+                                           test_set.case_ids, args.reduced, args.epochs, args.targets)
+    work = Path(args.work) if args.work else Path.cwd().parent / "dlf_benchmark_work" / suite
+    work = work / ("reduced" if args.reduced else "full")
+    device = str(resolve_device(args.device))
+    command = "atlasseg " + " ".join(shlex.quote(a) for a in sys.argv[1:]) if sys.argv[0].endswith(
+        ("atlasseg", "__main__.py")) else f"atlasseg benchmark {suite}"
+    commit = git_commit()
+    t0 = time.perf_counter()
+    _combined(protocol.train_set, protocol.test_set)  # labels and modalities must agree before training
+    models = train_variants(protocol, work, device, args.ablations)
+    rows = evaluate(protocol, models, work, device)
+    wall = time.perf_counter() - t0
+    body = markdown(protocol, rows, models, command, wall, commit, device)
+    if args.json:
+        Path(args.json).write_text(json.dumps({"suite": suite, "rows": rows}, indent=1, default=str))
+    title = {"dlf-hippocampus": "Deep Label Fusion: hippocampus (Decathlon Task04)",
+             "dlf-fetal-sb": "Deep Label Fusion generalisation: fetal-sb operated (GA 25-34) -> "
+                             "not operated (GA 21-25)",
+             "dlf-generalise": "Deep Label Fusion generalisation"}[suite]
+    update_markdown(Path(args.markdown), suite, title, body)
+    print(body)
+    return {"rows": rows, "markdown": body}
