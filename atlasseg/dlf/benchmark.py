@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import datetime
 import json
+import os
 import shlex
 import sys
 import time
@@ -253,6 +254,16 @@ def markdown(protocol: Protocol, rows: list[dict], models: dict, command: str, w
     return "\n".join(lines) + "\n"
 
 
+def _repository_commit() -> str:
+    """The commit of this checkout, wherever the command runs from."""
+    cwd = Path.cwd()
+    try:
+        os.chdir(Path(__file__).resolve().parents[2])
+        return git_commit()
+    finally:
+        os.chdir(cwd)
+
+
 def run_dlf_benchmark(args) -> dict:
     """Entry point of ``atlasseg benchmark dlf-*``."""
     suite = args.suite
@@ -277,7 +288,7 @@ def run_dlf_benchmark(args) -> dict:
     device = str(resolve_device(args.device))
     command = "atlasseg " + " ".join(shlex.quote(a) for a in sys.argv[1:]) if sys.argv[0].endswith(
         ("atlasseg", "__main__.py")) else f"atlasseg benchmark {suite}"
-    commit = git_commit()
+    commit = _repository_commit()
     t0 = time.perf_counter()
     _combined(protocol.train_set, protocol.test_set)  # labels and modalities must agree before training
     models = train_variants(protocol, work, device, args.ablations)
