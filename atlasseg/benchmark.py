@@ -206,11 +206,12 @@ def _mean(x) -> float:
 
 def markdown(results: dict, command: str, wall_s: float) -> str:
     names = results["labels"]
+    commit = results.get("commit") or git_commit()
     summary = summarize(results)
     n = len(results["targets"])
     lines = [f"Command: `{command}`  ",
              f"Machine: {machine_description()}  ",
-             f"Date: {datetime.date.today().isoformat()}, commit {git_commit()}, wall time {wall_s / 60:.1f} min  ",
+             f"Date: {datetime.date.today().isoformat()}, commit {commit}, wall time {wall_s / 60:.1f} min  ",
              f"Targets: {n}; atlases per target: 10", ""]
     label_cols = " | ".join(f"Dice {names[v]}" for v in names)
     hd_cols = " | ".join(f"HD95 {names[v]} (mm)" for v in names)
@@ -276,9 +277,11 @@ def run_benchmark(args) -> dict:
     backends = ["torch"] + ([] if args.no_greedy else ["greedy"])
     command = "atlasseg " + " ".join(shlex.quote(a) for a in sys.argv[1:]) if sys.argv[0].endswith(
         ("atlasseg", "__main__.py")) else "atlasseg benchmark " + args.suite
+    commit = git_commit()  # the code measured: taken before the run, not after
     t0 = time.perf_counter()
     results = run_suite(data, args.suite, args.targets, backends, with_ants=not args.no_ants, device=args.device)
     wall = time.perf_counter() - t0
+    results["commit"] = commit
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=1, default=str))
     body = markdown(results, command, wall)

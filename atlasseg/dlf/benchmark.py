@@ -60,16 +60,16 @@ def benchmark_configuration(suite: str, n_labels: int, n_modalities: int, reduce
     """The default DLF configuration of a suite, sized to train in under 2 hours on 2 CPU cores (hippocampus).
 
     hippocampus: vote 16/32/64, fine-tune 16/32/64/128 channels, 32x48x32 patches (about a whole crop), 4 atlases
-    per step drawn from 6 cached registrations per training target (PICSL greedy, the DLF authors' registration;
-    the torch backend took about 40 s per pair on the shared 2-core machine), 12 epochs of 144 targets.
+    per step drawn from 6 cached registrations per training target (torch backend, as the classic benchmark: about
+    0.5-0.8 s per pair on 2 idle cores), 12 epochs of 144 targets.
     fetal-sb: same channels, 64^3 patches, 4 atlases, 8 patches per target and epoch, 20 epochs.
     ``reduced``: 4/8/16 channels, 24x32x24 patches, 3 atlases: a smoke test of the command, not a result.
     """
     arch = DLFConfig(n_labels=n_labels, n_modalities=n_modalities, vote_channels=(16, 32, 64),
                      finetune_channels=(16, 32, 64, 128))
-    if suite == "hippocampus":  # greedy: about 0.9 s per hippocampus pair on 2 cores (REFERENCE.md)
+    if suite == "hippocampus":
         cfg = TrainConfig(epochs=12, n_atlases=4, patch_size=(32, 48, 32), candidates_per_target=6,
-                          val_fraction=0.1, learning_rate=1e-3, schedule="cosine", backend="greedy")
+                          val_fraction=0.1, learning_rate=1e-3, schedule="cosine", backend="torch")
     else:
         cfg = TrainConfig(epochs=20, n_atlases=4, patch_size=(64, 64, 64), candidates_per_target=None,
                           patches_per_target=8, val_fraction=0.1, learning_rate=1e-3, schedule="cosine")
