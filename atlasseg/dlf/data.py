@@ -49,19 +49,26 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
             os.unlink(tmp)
 
 
-def atomic_save_tensors(tensors: dict[str, torch.Tensor], path: Path) -> str:
-    """safetensors file written atomically; returns its sha256."""
+def atomic_write_file(write: Callable[[str], None], path: Path) -> str:
+    """Run ``write(temporary_path)`` beside ``path``, then move it into place (``os.replace``); returns its sha256.
+
+    A crash leaves either the old file or the new one, never a partial file."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp_", suffix=".safetensors", dir=path.parent)
+    fd, tmp = tempfile.mkstemp(prefix=".tmp_", suffix=path.suffix, dir=path.parent)
     os.close(fd)
     try:
-        save_file({k: v.contiguous().cpu() for k, v in tensors.items()}, tmp)
+        write(tmp)
         digest = sha256(Path(tmp))
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
     return digest
+
+
+def atomic_save_tensors(tensors: dict[str, torch.Tensor], path: Path) -> str:
+    """safetensors file written atomically; returns its sha256."""
+    return atomic_write_file(lambda tmp: save_file({k: v.contiguous().cpu() for k, v in tensors.items()}, tmp), path)
 
 
 def sha256(path: Path) -> str:

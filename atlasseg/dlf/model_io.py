@@ -10,8 +10,6 @@ the folder or file.
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,7 +19,7 @@ from safetensors.torch import load_model as load_safetensors_model
 from safetensors.torch import save_model as save_safetensors_model
 
 from ..atlas import AtlasSet
-from .data import atomic_write_bytes, sha256
+from .data import atomic_write_bytes, atomic_write_file, sha256
 from .networks import DLFConfig, build_model
 
 MODEL_FORMAT = "atlasseg-dlf-model"
@@ -69,18 +67,8 @@ def save_model(folder: str | Path, model: torch.nn.Module, labels: dict[int, str
 
 
 def _atomic_save_weights(model: torch.nn.Module, path: Path) -> str:
-    """safetensors ``save_model`` (handles MONAI's aliased parameters) to a temporary file, then ``os.replace``."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp_", suffix=".safetensors", dir=path.parent)
-    os.close(fd)
-    try:
-        save_safetensors_model(model, tmp)
-        digest = sha256(Path(tmp))
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-    return digest
+    """safetensors ``save_model`` (handles MONAI's aliased parameters), written atomically; returns its sha256."""
+    return atomic_write_file(lambda tmp: save_safetensors_model(model, tmp), path)
 
 
 def read_config(folder: str | Path) -> dict:
