@@ -242,14 +242,19 @@ def phantom_target() -> tuple[sitk.Image, sitk.Image]:
     return make_phantom(4242, **PHANTOM_GRID)
 
 
+def phantom_scene(image: sitk.Image, labels: sitk.Image):
+    """A fresh scene with the phantom as target volume and its labels as reference segmentation."""
+    scene = new_scene()
+    target = scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", "phantom target")
+    updateVolumeNodeFromImage(target, image)
+    return scene, target, segmentation_from_labels(scene, labels, PHANTOM_LABELS, "phantom reference")
+
+
 @pytest.fixture(scope="module")
 def weighted_run(phantom_atlases, phantom_target, tmp_path_factory):
     """One real engine run through the logic: folder atlases, reference segmentation, weighted voting."""
     image, labels = phantom_target
-    scene = new_scene()
-    target = scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", "phantom target")
-    updateVolumeNodeFromImage(target, image)
-    reference = segmentation_from_labels(scene, labels, PHANTOM_LABELS, "phantom reference")
+    scene, target, reference = phantom_scene(image, labels)
     before = {"target": snapshot(target), "reference": snapshot(reference)}
     logic = FusionLogic(scene, python=sys.executable)
     events = []
@@ -544,10 +549,7 @@ def tiny_dlf_model(phantom_atlases, tmp_path_factory) -> Path:
 def test_deep_label_fusion_run_end_to_end(phantom_atlases, phantom_target, tiny_dlf_model):
     """--method dlf --model FOLDER through the logic: final and initial segmentations, Dice as the engine reports."""
     image, labels = phantom_target
-    scene = new_scene()
-    target = scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", "phantom target")
-    updateVolumeNodeFromImage(target, image)
-    reference = segmentation_from_labels(scene, labels, PHANTOM_LABELS, "phantom reference")
+    scene, target, reference = phantom_scene(image, labels)
     events = []
     result = FusionLogic(scene, python=sys.executable).runBlocking(
         FusionInputs(target, atlasFolder=str(phantom_atlases), referenceSegmentation=reference),
