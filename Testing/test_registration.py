@@ -10,7 +10,8 @@ import torch
 from atlasseg.io import Geometry, image_to_tensor, labels_to_tensor
 from atlasseg.phantom import apply_deformation, make_known_deformation, make_phantom
 from atlasseg.registration import Registration, register, warp_atlases
-from atlasseg.registration.filters import VelocityExponential, gaussian_blur, lncc
+from atlasseg.registration.filters import VelocityExponential, box_sum, gaussian_blur, lncc, lncc_with_gradient
+from atlasseg.registration.torch_backend import _Metric
 from atlasseg.registration.transforms import DisplacementField, compose, grid_points, warp_image, warp_labels
 
 OBLIQUE = tuple(sitk.VersorTransform((0.2, 0.9, -0.3), 0.35).GetMatrix())
@@ -168,3 +169,30 @@ def test_fast_filters_match_monai():
     r = torch.arange(31.0) - 15
     var = float((out.sum(dim=(0, 1)) * r * r).sum())
     assert abs(float(out.sum()) - 1.0) < 1e-4 and abs(var - 4.0) < 0.7
+
+
+@pytest.mark.parametrize("radius", [1, 2, 4])
+def test_box_sums_and_closed_form_lncc_gradient_match_references(radius):
+    """Small windows use shifted adds, large ones cumulative sums: both equal a direct window sum; the LNCC
+    gradient in closed form equals autograd's, with and without a mask and where a window's variance is clamped."""
+    g = torch.Generator().manual_seed(radius)
+    x = torch.rand(2, 3, 7, 9, 6, generator=g, dtype=torch.float64)
+    for mode in ("constant", "replicate"):
+        padded = torch.nn.functional.pad(x, [radius] * 6, mode=mode)
+        direct = padded.unfold(2, 2 * radius + 1, 1).unfold(3, 2 * radius + 1, 1).unfold(4, 2 * radius + 1, 1)
+        assert torch.allclose(box_sum(x, radius, mode), direct.sum(dim=(-3, -2, -1)), atol=1e-12)
+
+    warped = torch.rand(3, 2, 8, 9, 7, generator=g, dtype=torch.float64)
+    warped[1, :, :3] = 0.5                                        # flat: variance clamped to eps
+    target = torch.rand(1, 2, 8, 9, 7, generator=g, dtype=torch.float64)
+    for mask in (None, torch.rand(8, 9, 7, generator=g) > 0.4):
+        metric = _Metric("lncc", radius, mask)
+        leaf = warped.clone().requires_grad_(True)
+        losses = metric(leaf, target.expand_as(warped))
+        (reference,) = torch.autograd.grad(losses.sum(), leaf)
+        values, gradient = metric.value_and_gradient(warped, target.expand_as(warped))
+        assert torch.allclose(values, losses.detach(), atol=1e-12)
+        assert float(reference.abs().max()) > 1e-5
+        assert torch.allclose(gradient, reference, atol=1e-12 * float(reference.abs().max()) + 1e-15)
+    cc, _ = lncc_with_gradient(warped, target, radius)
+    assert torch.allclose(cc, lncc(warped, target, radius))

@@ -1,8 +1,10 @@
 """Fast separable filters for registration on CPU and GPU.
 
 Box sums by cumulative sums cost O(1) per voxel whatever the window, about 10x less than the conv3d-based
-separable filtering on CPU, which dominated registration time; Gaussian smoothing is approximated by a cascade
-of three box filters (central-limit theorem) whose widths best match the requested variance.
+separable filtering on CPU, which dominated registration time; windows up to 7 voxels wide use shifted in-place
+adds instead (no padded copies). Gaussian smoothing is approximated by a cascade of three box filters
+(central-limit theorem) whose widths best match the requested variance. The LNCC metric comes with its gradient
+in closed form, so deformable registration needs autograd only through the warp.
 """
 
 from __future__ import annotations
@@ -17,11 +19,21 @@ def box_sum(x: torch.Tensor, radius: int | tuple[int, int, int], pad_mode: str =
     for dim, r in zip((2, 3, 4), radii):
         if r <= 0:
             continue
+        n = x.shape[dim]
+        if r <= 3 and n > r:  # shifted in-place adds, no padded copy: faster than pad + cumsum for small windows
+            out = x.clone()
+            for s in range(1, r + 1):
+                out.narrow(dim, s, n - s).add_(x.narrow(dim, 0, n - s))
+                out.narrow(dim, 0, n - s).add_(x.narrow(dim, s, n - s))
+                if pad_mode == "replicate":
+                    out.narrow(dim, 0, s).add_(x.narrow(dim, 0, 1))
+                    out.narrow(dim, n - s, s).add_(x.narrow(dim, n - 1, 1))
+            x = out
+            continue
         pad = [0] * 6
         pad[(4 - dim) * 2] = r + 1
         pad[(4 - dim) * 2 + 1] = r
         c = F.pad(x, pad, mode=pad_mode).cumsum(dim)
-        n = x.shape[dim]
         x = c.narrow(dim, 2 * r + 1, n) - c.narrow(dim, 0, n)
     return x
 
@@ -66,6 +78,35 @@ def lncc(warped: torch.Tensor, target: torch.Tensor, radius: int = 2, eps: float
     t_var = (t2_sum - t_sum * t_sum / n).clamp(min=eps)
     p_var = (p2_sum - p_sum * p_sum / n).clamp(min=eps)
     return cross * cross / (t_var * p_var)
+
+
+def lncc_with_gradient(warped: torch.Tensor, target: torch.Tensor, radius: int = 2, eps: float = 1e-5,
+                       weight: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The :func:`lncc` map and, in closed form, the gradient of ``sum_x weight(x) * lncc(x)`` w.r.t. ``warped``.
+
+    For a window w with n voxels, cc_w = cross^2 / (tvar * pvar) and
+    d cc_w / d I(x) = a_w (T(x) - mean_w T) - b_w (I(x) - mean_w I), a_w = 2 cross / (tvar pvar), b_w = a_w cross /
+    pvar; summing over the windows that hold x is another box sum (zero-padded box sums are self-adjoint). This
+    replaces autograd through the cumulative sums (about a third of a deformable iteration on CPU).
+    Args: (B, C, Z, Y, X) each (``target`` may broadcast over B); ``weight`` broadcasts to the map (a mask).
+    Returns: (lncc map, gradient), both (B, C, Z, Y, X).
+    """
+    target = target.expand_as(warped)
+    n = float((2 * radius + 1) ** 3)
+    stacked = torch.cat([target, warped, target * target, warped * warped, target * warped], dim=1)
+    t_sum, p_sum, t2_sum, p2_sum, tp_sum = box_sum(stacked, radius).chunk(5, dim=1)
+    cross = tp_sum - p_sum * t_sum / n
+    t_var_raw, p_var_raw = t2_sum - t_sum * t_sum / n, p2_sum - p_sum * p_sum / n
+    t_var, p_var = t_var_raw.clamp(min=eps), p_var_raw.clamp(min=eps)
+    cc = cross * cross / (t_var * p_var)
+    a = 2.0 * cross / (t_var * p_var)
+    b = torch.where(p_var_raw > eps, a * cross / p_var, torch.zeros_like(a))  # clamped variance: no gradient
+    if weight is not None:
+        a, b = a * weight, b * weight
+    t_mean, p_mean = t_sum / n, p_sum / n
+    sums = box_sum(torch.cat([a, a * t_mean, b, b * p_mean], dim=1), radius)
+    sa, sat, sb, sbp = sums.chunk(4, dim=1)
+    return cc, target * sa - sat - warped * sb + sbp
 
 
 class VelocityExponential:

@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from monai.losses import GlobalMutualInformationLoss
 
 from ..io import Geometry
-from .filters import VelocityExponential, gaussian_blur, lncc
+from .filters import VelocityExponential, gaussian_blur, lncc, lncc_with_gradient
 from .transforms import (
     DisplacementField,
     fields_from_affine_and_displacement,
@@ -118,7 +118,7 @@ class _Metric:
             self.loss = GlobalMutualInformationLoss(reduction="none")
         else:
             raise ValueError(f"unknown registration metric '{name}': use 'lncc' or 'mi'")
-        self.name, self.mask = name, mask
+        self.name, self.mask, self.radius = name, mask, radius
 
     def __call__(self, warped: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         value = self.loss(warped, target)
@@ -129,6 +129,25 @@ class _Metric:
             return value.reshape(value.shape[0], -1).mean(dim=1)
         m = self.mask.to(value)
         return (value * m).reshape(value.shape[0], -1).sum(dim=1) / m.sum().clamp(min=1)
+
+    def value_and_gradient(self, warped: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(N,) losses and their gradient w.r.t. ``warped`` (N, C, ...); closed form for LNCC, else autograd."""
+        if self.name != "lncc":
+            warped = warped.detach().requires_grad_(True)
+            with torch.enable_grad():
+                losses = self(warped, target)
+                (grad,) = torch.autograd.grad(losses.sum(), warped)
+            return losses.detach(), grad
+        channels = warped.shape[1]
+        if self.mask is None:
+            weight, norm = None, float(warped[0, 0].numel())
+        else:
+            weight = self.mask.to(warped)
+            norm = float(weight.sum().clamp(min=1))
+        cc, grad = lncc_with_gradient(warped, target, self.radius, weight=weight)
+        value = cc.mean(dim=1) if weight is None else cc.mean(dim=1) * weight
+        losses = -value.reshape(value.shape[0], -1).sum(dim=1) / norm
+        return losses, grad * (-1.0 / (channels * norm))
 
 
 class _Level:
@@ -153,8 +172,9 @@ class _Level:
         # maps a voxel displacement in MONAI channel order (z, y, x) to physical (x, y, z)
         self.voxel_to_mm = torch.as_tensor(spacing_matrix[:, ::-1].copy(), dtype=torch.float32, device=device)
 
-    def warp(self, affine: torch.Tensor, ddf: torch.Tensor | None = None) -> torch.Tensor:
-        """Atlases warped onto this level's grid: (N, C, Z, Y, X).
+    def affine_grid(self, affine: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """grid_sample coordinates of the affinely mapped level points (N, Z, Y, X, 3), and the (N, 3, 3) matrix
+        taking a voxel displacement (z, y, x) of this level to grid_sample units.
 
         One combined (N, 4, 4) matrix takes level points straight to grid_sample coordinates:
         normalise . world_to_index(atlas) . affine.
@@ -165,10 +185,15 @@ class _Level:
         norm[:3, 3] = -1.0
         combined = norm @ self.atlas_w2i @ affine                                   # (N, 4, 4)
         grid = torch.einsum("zyxc,nkc->nzyxk", self.points, combined[:, :3, :3])
-        grid = grid + combined[:, None, None, None, :3, 3]
+        return grid + combined[:, None, None, None, :3, 3], combined[:, :3, :3] @ self.voxel_to_mm
+
+    def warp(self, affine: torch.Tensor, ddf: torch.Tensor | None = None,
+             grid: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+        """Atlases warped onto this level's grid: (N, C, Z, Y, X); ``grid``: a cached :meth:`affine_grid`."""
+        base, ddf_to_grid = grid if grid is not None else self.affine_grid(affine)
         if ddf is not None:
-            grid = grid + torch.einsum("nczyx,nkc->nzyxk", ddf, combined[:, :3, :3] @ self.voxel_to_mm)
-        return F.grid_sample(self.atlases, grid, mode="bilinear", padding_mode="border", align_corners=True)
+            base = base + torch.einsum("nczyx,nkc->nzyxk", ddf, ddf_to_grid)
+        return F.grid_sample(self.atlases, base, mode="bilinear", padding_mode="border", align_corners=True)
 
 
 def _affine_matrix(m: torch.Tensor, t: torch.Tensor, center: torch.Tensor, radius: float,
@@ -267,13 +292,16 @@ def register_batch(target: torch.Tensor, target_geometry: Geometry, atlases: Seq
             metric = metric_cache[factor]
             lshape = lv.geometry.shape
             state = torch.zeros(n, 3, *lshape, device=device) if state is None else _resize_field(state, lshape)
+            affine_grid = lv.affine_grid(affine) if iters else None  # constant while the field is optimised
             for it in range(iters):
                 with torch.no_grad():
                     ddf = exp(state) if settings.model == "svf" else state.clone()
                 ddf.requires_grad_(True)
-                warped = lv.warp(affine, ddf)
-                losses = metric(warped, lv.target.expand(n, *lv.target.shape))
-                (grad,) = torch.autograd.grad(losses.sum(), ddf)
+                warped = lv.warp(affine, ddf, affine_grid)
+                with torch.no_grad():  # metric gradient in closed form (LNCC); autograd only through the warp
+                    losses, metric_grad = metric.value_and_gradient(warped.detach(),
+                                                                    lv.target.expand(n, *lv.target.shape))
+                (grad,) = torch.autograd.grad(warped, ddf, grad_outputs=metric_grad)
                 with torch.no_grad():
                     grad = _smooth(grad, settings.sigma_pre)
                     peak = grad.square().sum(dim=1).reshape(n, -1).amax(dim=1).sqrt().clamp(min=1e-12)
