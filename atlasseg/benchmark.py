@@ -25,6 +25,7 @@ import torch
 
 from .atlas import load_atlas_set
 from .fusion import METHODS, oracle_coverage
+from .io import atomic_write_bytes, image_to_tensor
 from .metrics import segmentation_metrics
 from .pipeline import fuse_prepared, prepare
 
@@ -119,8 +120,40 @@ def _evaluate(res_seg, reference, names) -> dict:
     return {"dice": {v: m["labels"][v]["dice"] for v in names}, "hd95": {v: m["labels"][v]["hd95"] for v in names}}
 
 
+ROWS_FORMAT = "atlasseg-benchmark-rows/1"
+
+
+def _load_rows(path: Path | None, suite: str, commit: str, log=print) -> list[dict]:
+    """Finished rows of an interrupted run of the same suite and commit (others are recomputed, with a note)."""
+    if path is None or not path.is_file():
+        return []
+    try:
+        saved = json.loads(path.read_text())
+    except (OSError, ValueError) as err:
+        raise ValueError(f"{path}: unreadable benchmark checkpoint ({err}); delete it to start again") from None
+    if saved.get("format") != ROWS_FORMAT or saved.get("suite") != suite:
+        raise ValueError(f"{path}: not a '{suite}' benchmark checkpoint; delete it or choose another --work")
+    if saved.get("commit") != commit or "uncommitted" in commit:
+        log(f"{path}: written by commit {saved.get('commit')}, this is {commit}: starting again")
+        return []
+    log(f"{path}: resuming after {len(saved['rows'])} finished target/backend row(s)")
+    for row in saved["rows"]:  # JSON keys are strings: label values back to int
+        for result in row["methods"].values():
+            for key in ("dice", "hd95"):
+                result[key] = {int(v): x for v, x in result[key].items()}
+    return list(saved["rows"])
+
+
+def _save_rows(path: Path | None, suite: str, commit: str, rows: list[dict]) -> None:
+    if path is not None:
+        payload = {"format": ROWS_FORMAT, "suite": suite, "commit": commit, "rows": rows}
+        atomic_write_bytes(path, json.dumps(payload, indent=1, default=str).encode())
+
+
 def run_suite(data: Path, suite: str, n_targets: int | None, backends: list[str], with_ants: bool,
-              device: str, log=print) -> dict:
+              device: str, log=print, checkpoint: Path | None = None, commit: str = "unknown") -> dict:
+    """Run the protocol; with ``checkpoint``, every finished (target, backend) row is saved there atomically and a
+    rerun of the same commit skips the rows already there (rows carry their own wall time)."""
     atlas_set = load_atlas_set(data)
     ids = sorted(atlas_set.case_ids)
     names = {v: n for v, n in atlas_set.labels.items() if v != 0}
@@ -142,13 +175,18 @@ def run_suite(data: Path, suite: str, n_targets: int | None, backends: list[str]
             cache[case_id] = atlas_set.load(case_id)
         return cache[case_id]
 
-    rows = []
+    rows = [r for r in _load_rows(checkpoint, suite, commit, log) if r["target"] in targets
+            and r["backend"] in backends and ("ants_jlf" in r["methods"] or not with_ants or r["backend"] != "torch")]
+    finished = {(r["target"], r["backend"]) for r in rows}
     for ti, target_id in enumerate(targets):
+        todo = [b for b in backends if (target_id, b) not in finished]
+        if not todo:
+            continue
         case = load(target_id)
         atlases = [load(a) for a in atlas_for[target_id]]
-        from .io import image_to_tensor
         ref_tensor = image_to_tensor(case.label, torch.int64)[0]
-        for backend in backends:
+        for backend in todo:
+            row_start = time.perf_counter()
             with PeakMemory() as mem:
                 prepared = prepare(case.images, atlas_set, atlases=atlases, backend=backend, device=device)
             reg_s = prepared.timings["registration"]
@@ -172,10 +210,15 @@ def run_suite(data: Path, suite: str, n_targets: int | None, backends: list[str]
                 image.CopyInformation(case.label)
                 row["methods"]["ants_jlf"] = dict(_evaluate(image, case.label, names), seconds=seconds,
                                                   peak_gib=mem.gib)
+            row["wall_s"] = time.perf_counter() - row_start
             rows.append(row)
+            _save_rows(checkpoint, suite, commit, rows)
             dice = {m: [round(d, 3) for d in r["dice"].values()] for m, r in row["methods"].items()}
             log(f"[{ti + 1}/{len(targets)}] {target_id} {backend}: reg {reg_s:.1f}s  {dice}")
             del prepared
+        cache.pop(target_id, None)
+    order = {(t, b): k for k, (t, b) in enumerate((t, b) for t in targets for b in backends)}
+    rows.sort(key=lambda r: order[(r["target"], r["backend"])])
     return {"suite": suite, "data": str(data), "targets": targets, "atlases": atlas_for, "labels": names,
             "rows": rows}
 
@@ -211,7 +254,8 @@ def markdown(results: dict, command: str, wall_s: float) -> str:
     n = len(results["targets"])
     lines = [f"Command: `{command}`  ",
              f"Machine: {machine_description()}  ",
-             f"Date: {datetime.date.today().isoformat()}, commit {commit}, wall time {wall_s / 60:.1f} min  ",
+             f"Date: {datetime.date.today().isoformat()}, commit {commit}, wall time {wall_s / 60:.1f} min "
+             "(summed over targets and resumed runs)  ",
              f"Targets: {n}; atlases per target: 10", ""]
     label_cols = " | ".join(f"Dice {names[v]}" for v in names)
     hd_cols = " | ".join(f"HD95 {names[v]} (mm)" for v in names)
@@ -278,9 +322,11 @@ def run_benchmark(args) -> dict:
     command = "atlasseg " + " ".join(shlex.quote(a) for a in sys.argv[1:]) if sys.argv[0].endswith(
         ("atlasseg", "__main__.py")) else "atlasseg benchmark " + args.suite
     commit = git_commit()  # the code measured: taken before the run, not after
-    t0 = time.perf_counter()
-    results = run_suite(data, args.suite, args.targets, backends, with_ants=not args.no_ants, device=args.device)
-    wall = time.perf_counter() - t0
+    work = Path(args.work) if args.work else Path.cwd().parent / "benchmark_work"
+    checkpoint = None if args.no_resume else work / f"{args.suite}-rows.json"
+    results = run_suite(data, args.suite, args.targets, backends, with_ants=not args.no_ants, device=args.device,
+                        checkpoint=checkpoint, commit=commit)
+    wall = sum(r.get("wall_s", 0.0) for r in results["rows"])  # summed over resumed runs
     results["commit"] = commit
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=1, default=str))

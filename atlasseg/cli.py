@@ -89,8 +89,11 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--markdown", default="BENCHMARKS.md", help="file to update with the results table")
     p.add_argument("--json", help="also write raw per-target results")
     p.add_argument("--device", default="cpu")
-    p.add_argument("--work", help="dlf suites: folder for registration cache and trained models "
-                                  "(default ../dlf_benchmark_work)")
+    p.add_argument("--work", help="folder for resumable state: per-target rows (classic suites, default "
+                                  "../benchmark_work), registration cache and models (dlf suites, default "
+                                  "../dlf_benchmark_work)")
+    p.add_argument("--no-resume", action="store_true", help="classic suites: neither save nor reuse finished "
+                                                            "targets")
     p.add_argument("--epochs", type=int, default=None, help="dlf suites: training epochs (default: the suite's)")
     p.add_argument("--train-targets", type=int, default=None, help="dlf suites: limit training targets (smoke)")
     p.add_argument("--ablations", choices=("retrain", "switch-off"), default="retrain",

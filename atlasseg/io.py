@@ -127,6 +127,21 @@ def read_image(path: str | os.PathLike, check_finite: bool = True) -> sitk.Image
     return image
 
 
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` through a temporary file in the same folder and ``os.replace``."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=".tmp_", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
 def write_image(image: sitk.Image, path: str | os.PathLike, compress: bool = True) -> Path:
     """Write atomically: a temporary file in the same folder, then rename over the target."""
     path = Path(path)

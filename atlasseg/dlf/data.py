@@ -22,7 +22,7 @@ from safetensors.torch import load_file, save_file
 
 from ..atlas import AtlasSet, LoadedCase
 from ..fusion import labels_to_index
-from ..io import image_to_tensor
+from ..io import atomic_write_bytes, image_to_tensor
 from ..pipeline import prepare
 from ..registration import normalized_tensor
 
@@ -32,21 +32,6 @@ CACHE_FORMAT = "atlasseg-dlf-registration-cache/1"
 
 class CacheError(ValueError):
     """A broken or foreign registration cache; the message names the file."""
-
-
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` through a temporary file in the same folder and ``os.replace``."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp_", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
 
 
 def atomic_write_file(write: Callable[[str], None], path: Path) -> str:
