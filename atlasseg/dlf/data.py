@@ -8,8 +8,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import tempfile
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,7 +20,7 @@ from safetensors.torch import load_file, save_file
 
 from ..atlas import AtlasSet, LoadedCase
 from ..fusion import labels_to_index
-from ..io import atomic_write_bytes, image_to_tensor
+from ..io import atomic_write, atomic_write_bytes, image_to_tensor
 from ..pipeline import prepare
 from ..registration import normalized_tensor
 
@@ -35,20 +33,8 @@ class CacheError(ValueError):
 
 
 def atomic_write_file(write: Callable[[str], None], path: Path) -> str:
-    """Run ``write(temporary_path)`` beside ``path``, then move it into place (``os.replace``); returns its sha256.
-
-    A crash leaves either the old file or the new one, never a partial file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp_", suffix=path.suffix, dir=path.parent)
-    os.close(fd)
-    try:
-        write(tmp)
-        digest = sha256(Path(tmp))
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-    return digest
+    """:func:`atlasseg.io.atomic_write`, returning the written file's sha256 (for manifests and model configs)."""
+    return sha256(atomic_write(write, path))
 
 
 def atomic_save_tensors(tensors: dict[str, torch.Tensor], path: Path) -> str:

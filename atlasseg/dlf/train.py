@@ -12,8 +12,6 @@ import copy
 import csv
 import io
 import math
-import os
-import tempfile
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
@@ -25,6 +23,7 @@ import torch
 
 from ..atlas import AtlasSet
 from ..device import resolve_device
+from ..io import atomic_write
 from ..progress import Progress
 from .data import (
     AugmentConfig,
@@ -171,13 +170,7 @@ def plot_curves(rows: list[dict], path: Path, width: int = 360, height: int = 22
     left = panel([(loss, (220, 30, 30))], max(max(loss), 1e-6) * 1.05)
     right = panel([(majority, (150, 150, 150)), (dice, (30, 80, 220))], 1.0)
     rgb = np.concatenate([left, np.full((height, 10, 3), 255, np.uint8), right], axis=1)
-    tmp = Path(tempfile.mkstemp(prefix=".tmp_", suffix=".png", dir=path.parent)[1])
-    try:
-        sitk.WriteImage(sitk.GetImageFromArray(rgb, isVector=True), str(tmp))
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
+    atomic_write(lambda tmp: sitk.WriteImage(sitk.GetImageFromArray(rgb, isVector=True), tmp), path)
     return path
 
 

@@ -63,20 +63,25 @@ def gaussian_blur(x: torch.Tensor, sigma: float) -> torch.Tensor:
     return x
 
 
+def _lncc_terms(warped: torch.Tensor, target: torch.Tensor, radius: int, eps: float):
+    """Window sums of T and I, cross term and clamped/raw variances (shared by the map and its gradient)."""
+    target = target.expand_as(warped)
+    n = float((2 * radius + 1) ** 3)
+    stacked = torch.cat([target, warped, target * target, warped * warped, target * warped], dim=1)
+    t_sum, p_sum, t2_sum, p2_sum, tp_sum = box_sum(stacked, radius).chunk(5, dim=1)
+    cross = tp_sum - p_sum * t_sum / n
+    p_var_raw = p2_sum - p_sum * p_sum / n
+    t_var = (t2_sum - t_sum * t_sum / n).clamp(min=eps)
+    return n, t_sum, p_sum, cross, t_var, p_var_raw.clamp(min=eps), p_var_raw
+
+
 def lncc(warped: torch.Tensor, target: torch.Tensor, radius: int = 2, eps: float = 1e-5) -> torch.Tensor:
     """Local squared normalised cross-correlation map in [0, 1] over (2r+1)^3 windows.
 
     Same quantity as MONAI's ``LocalNormalizedCrossCorrelationLoss`` (negated there), computed with box sums.
     Args: (B, C, Z, Y, X) each (``target`` may broadcast over B). Returns (B, C, Z, Y, X).
     """
-    target = target.expand_as(warped)
-    n = float((2 * radius + 1) ** 3)
-    stacked = torch.cat([target, warped, target * target, warped * warped, target * warped], dim=1)
-    sums = box_sum(stacked, radius)
-    t_sum, p_sum, t2_sum, p2_sum, tp_sum = sums.chunk(5, dim=1)
-    cross = tp_sum - p_sum * t_sum / n
-    t_var = (t2_sum - t_sum * t_sum / n).clamp(min=eps)
-    p_var = (p2_sum - p_sum * p_sum / n).clamp(min=eps)
+    _, _, _, cross, t_var, p_var, _ = _lncc_terms(warped, target, radius, eps)
     return cross * cross / (t_var * p_var)
 
 
@@ -91,22 +96,15 @@ def lncc_with_gradient(warped: torch.Tensor, target: torch.Tensor, radius: int =
     Args: (B, C, Z, Y, X) each (``target`` may broadcast over B); ``weight`` broadcasts to the map (a mask).
     Returns: (lncc map, gradient), both (B, C, Z, Y, X).
     """
-    target = target.expand_as(warped)
-    n = float((2 * radius + 1) ** 3)
-    stacked = torch.cat([target, warped, target * target, warped * warped, target * warped], dim=1)
-    t_sum, p_sum, t2_sum, p2_sum, tp_sum = box_sum(stacked, radius).chunk(5, dim=1)
-    cross = tp_sum - p_sum * t_sum / n
-    t_var_raw, p_var_raw = t2_sum - t_sum * t_sum / n, p2_sum - p_sum * p_sum / n
-    t_var, p_var = t_var_raw.clamp(min=eps), p_var_raw.clamp(min=eps)
+    n, t_sum, p_sum, cross, t_var, p_var, p_var_raw = _lncc_terms(warped, target, radius, eps)
     cc = cross * cross / (t_var * p_var)
     a = 2.0 * cross / (t_var * p_var)
     b = torch.where(p_var_raw > eps, a * cross / p_var, torch.zeros_like(a))  # clamped variance: no gradient
     if weight is not None:
         a, b = a * weight, b * weight
-    t_mean, p_mean = t_sum / n, p_sum / n
-    sums = box_sum(torch.cat([a, a * t_mean, b, b * p_mean], dim=1), radius)
+    sums = box_sum(torch.cat([a, a * (t_sum / n), b, b * (p_sum / n)], dim=1), radius)
     sa, sat, sb, sbp = sums.chunk(4, dim=1)
-    return cc, target * sa - sat - warped * sb + sbp
+    return cc, target.expand_as(warped) * sa - sat - warped * sb + sbp
 
 
 class VelocityExponential:

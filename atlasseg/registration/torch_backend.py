@@ -124,11 +124,20 @@ class _Metric:
         value = self.loss(warped, target)
         if self.name == "mi":
             return value.reshape(value.shape[0], -1).mean(dim=1)
-        value = value.mean(dim=1)  # over channels -> (N, Z, Y, X)
+        return self._masked_mean(value.mean(dim=1))  # over channels, then voxels
+
+    def _weight_and_count(self, like: torch.Tensor) -> tuple[torch.Tensor | None, float]:
+        """Per-voxel weight (the mask, or None) and the number of voxels it averages over."""
         if self.mask is None:
-            return value.reshape(value.shape[0], -1).mean(dim=1)
-        m = self.mask.to(value)
-        return (value * m).reshape(value.shape[0], -1).sum(dim=1) / m.sum().clamp(min=1)
+            return None, float(like[0, 0].numel())
+        weight = self.mask.to(like)
+        return weight, float(weight.sum().clamp(min=1))
+
+    def _masked_mean(self, value: torch.Tensor) -> torch.Tensor:
+        """(N, Z, Y, X) -> (N,) mean inside the mask (everywhere without one)."""
+        weight, count = self._weight_and_count(value[:, None])
+        weighted = value if weight is None else value * weight
+        return weighted.reshape(value.shape[0], -1).sum(dim=1) / count
 
     def value_and_gradient(self, warped: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(N,) losses and their gradient w.r.t. ``warped`` (N, C, ...); closed form for LNCC, else autograd."""
@@ -138,16 +147,9 @@ class _Metric:
                 losses = self(warped, target)
                 (grad,) = torch.autograd.grad(losses.sum(), warped)
             return losses.detach(), grad
-        channels = warped.shape[1]
-        if self.mask is None:
-            weight, norm = None, float(warped[0, 0].numel())
-        else:
-            weight = self.mask.to(warped)
-            norm = float(weight.sum().clamp(min=1))
+        weight, count = self._weight_and_count(warped)
         cc, grad = lncc_with_gradient(warped, target, self.radius, weight=weight)
-        value = cc.mean(dim=1) if weight is None else cc.mean(dim=1) * weight
-        losses = -value.reshape(value.shape[0], -1).sum(dim=1) / norm
-        return losses, grad * (-1.0 / (channels * norm))
+        return -self._masked_mean(cc.mean(dim=1)), grad * (-1.0 / (warped.shape[1] * count))
 
 
 class _Level:
