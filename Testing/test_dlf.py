@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from atlasseg.atlas import load_atlas_set
 from atlasseg.cli import main
 from atlasseg.dlf.data import draw_atlases
-from atlasseg.dlf.inference import predict, segment_dlf
+from atlasseg.dlf.inference import predict, prediction_region, segment_dlf
 from atlasseg.dlf.model_io import ModelFolderError, check_compatible, load_model
 from atlasseg.dlf.networks import DeepLabelFusion, DLFConfig, atlas_union_mask, onehot
 from atlasseg.dlf.train import TrainConfig, TrainingError, dice_per_label, train
@@ -127,6 +127,39 @@ def test_with_both_subnets_off_dlf_is_exactly_majority_voting(phantom_set):
                                                      phantom_set.label_values).segmentation)
 
 
+def test_windows_run_only_where_the_atlas_union_or_the_target_has_content():
+    shape, roi = (48, 40, 44), (16, 16, 16)
+    labels = torch.zeros(3, *shape, dtype=torch.int64)
+    labels[0, 20:26, 10:18, 15:20] = 1
+    labels[1, 22:28, 12:19, 16:22] = 2
+    target = torch.zeros(1, *shape)
+    target[0, 5:9, 30:33, 3:6] = 1.0               # target content elsewhere: only the plain U-Net's box uses it
+    region = prediction_region(target, labels, roi, margin=2)
+    assert region == (slice(16, 32), slice(7, 23), slice(11, 27))   # union box + 2, grown to one 16^3 window
+    assert prediction_region(target, None, roi, margin=1) == (slice(0, 16), slice(24, 40), slice(0, 16))
+    assert prediction_region(torch.rand(1, *shape), None, roi) == (slice(0, 48), slice(0, 40), slice(0, 44))
+
+    gen = torch.Generator().manual_seed(0)
+    images = torch.rand(3, 1, *shape, generator=gen)
+    target = torch.rand(1, *shape, generator=gen)
+    untrained = DeepLabelFusion(DLFConfig(n_labels=3, **TINY)).eval()       # exactly majority voting
+    whole = predict(untrained, target, images, labels, roi, crop=False, device="cpu")
+    cropped = predict(untrained, target, images, labels, roi, device="cpu")
+    assert torch.equal(cropped.segmentation_index, whole.segmentation_index)
+    assert torch.allclose(cropped.initial, whole.initial, atol=1e-6)
+    torch.manual_seed(2)
+    model = DeepLabelFusion(DLFConfig(n_labels=3, **TINY))
+    for p in model.parameters():
+        torch.nn.init.normal_(p, std=0.1)
+    whole = predict(model.eval(), target, images, labels, roi, crop=False, device="cpu").segmentation_index
+    cropped = predict(model, target, images, labels, roi, device="cpu").segmentation_index
+    outside = torch.ones(shape, dtype=torch.bool)
+    outside[prediction_region(target, labels, roi)] = False
+    assert int(outside.sum()) > 0.5 * outside.numel()
+    assert int(whole[outside].count_nonzero()) == 0 and int(cropped[outside].count_nonzero()) == 0   # the mask
+    assert float((cropped == whole).float().mean()) > 0.98
+
+
 def test_atlas_draws_have_exactly_n_with_duplicates_only_when_needed():
     rng = np.random.default_rng(0)
     few = draw_atlases(["a", "b", "c"], 3, rng)
@@ -191,6 +224,17 @@ def test_resume_continues_from_the_saved_epoch(trained):
     with pytest.raises(TrainingError, match="other settings"):
         train(_set_of(trained), trained["snapshot"], DLFConfig(n_labels=5, **TINY), tiny_training(4, seed=1),
               trained["cache"], "cpu", resume=True, log=lambda m: None, show_progress=False)
+
+
+def test_validation_every_k_epochs_keeps_the_best_validated_weights(trained, tmp_path):
+    result = train(_set_of(trained), tmp_path / "model", DLFConfig(n_labels=5, **TINY),
+                   tiny_training(3, val_interval=2), trained["cache"], "cpu", log=lambda m: None, show_progress=False)
+    val = [r["val_dice"] for r in result.history]
+    assert np.isnan(val[0]) and not np.isnan(val[1]) and not np.isnan(val[2])   # epochs 2 and 3 (the last)
+    config = json.loads((tmp_path / "model" / "config.json").read_text())
+    assert config["validation"]["best_epoch"] == 2 + int(val[2] >= val[1])
+    rows = list(csv.DictReader(open(tmp_path / "model" / "training_log.csv")))
+    assert len(rows) == 3 and rows[0]["val_dice"] == "nan"
 
 
 def _set_of(trained):

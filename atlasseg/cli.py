@@ -59,6 +59,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, gpu or cuda:N")
     p.add_argument("--resume", action="store_true", help="continue an interrupted run from its last checkpoint")
     p.add_argument("--val-fraction", type=float, default=0.1, help="share of targets held out for validation")
+    p.add_argument("--val-interval", type=int, default=1, help="validate every K epochs (and after the last)")
     p.add_argument("--cache", help="registration cache folder (default OUTPUT/registration_cache)")
     p.add_argument("--patch-size", type=int, nargs=3, default=[48, 48, 48], metavar=("Z", "Y", "X"))
     p.add_argument("--vote-channels", type=int, nargs="+", default=[32, 64, 128])
@@ -96,8 +97,9 @@ def _parser() -> argparse.ArgumentParser:
                                                             "targets")
     p.add_argument("--epochs", type=int, default=None, help="dlf suites: training epochs (default: the suite's)")
     p.add_argument("--train-targets", type=int, default=None, help="dlf suites: limit training targets (smoke)")
-    p.add_argument("--ablations", choices=("retrain", "switch-off"), default="retrain",
-                   help="dlf suites: train each ablation (paper) or switch parts off in the trained DLF")
+    p.add_argument("--ablations", choices=("retrain", "switch-off", "none"), default="retrain",
+                   help="dlf suites: train each ablation (paper), switch parts off in the trained DLF, or only "
+                        "DLF and the plain U-Net")
     p.add_argument("--reduced", action="store_true", help="dlf suites: tiny networks and patches (smoke test)")
     p.add_argument("--train-data", help="dlf-generalise: atlas set to train on (its cases are the atlases)")
     p.add_argument("--test-data", help="dlf-generalise: atlas set whose cases are the test targets")
@@ -205,6 +207,7 @@ def _dlf_train(args) -> int:
                              use_mask=not args.no_mask)
     config = TrainConfig(epochs=args.epochs, n_atlases=args.n_atlases, patch_size=tuple(args.patch_size),
                          learning_rate=args.lr, schedule=args.schedule, loss=args.loss, val_fraction=args.val_fraction,
+                         val_interval=args.val_interval,
                          candidates_per_target=args.candidates, seed=args.seed, backend=args.backend,
                          preset=args.preset)
     result = train(atlas_set, args.output, architecture, config, cache_dir=args.cache, device=args.device,

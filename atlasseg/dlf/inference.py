@@ -44,8 +44,8 @@ class DLFPrediction:
 
 def predict(model: torch.nn.Module, target: torch.Tensor, atlas_images: torch.Tensor | None,
             atlas_label_index: torch.Tensor | None, roi_size: Sequence[int], overlap: float = 0.5,
-            with_weights: bool = False, device: str | torch.device = "auto", sw_batch_size: int = 1
-            ) -> DLFPrediction:
+            with_weights: bool = False, device: str | torch.device = "auto", sw_batch_size: int = 1,
+            crop: bool = True) -> DLFPrediction:
     """Sliding-window DLF (or plain U-Net) over a whole target.
 
     Args:
@@ -54,6 +54,8 @@ def predict(model: torch.nn.Module, target: torch.Tensor, atlas_images: torch.Te
         roi_size: window (Z, Y, X) in voxels, a multiple of the model's divisor; windows overlap by ``overlap``
             and are blended with Gaussian weights; coordinate maps span the whole target.
         with_weights: also return the per-atlas, per-label voting weights (N x L volumes).
+        crop: run the windows only over :func:`prediction_region` (the rest is background); ignored with
+            ``with_weights``, whose maps cover the whole target.
     """
     dev = resolve_device(device)
     config = model.config
@@ -65,6 +67,10 @@ def predict(model: torch.nn.Module, target: torch.Tensor, atlas_images: torch.Te
     if n:
         parts += [atlas_images.reshape(n * c, *spatial).float(), atlas_label_index.float()]
     packed = torch.cat(parts)[None]
+    region = (slice(None),) * 3
+    if crop and not with_weights:
+        region = prediction_region(target, atlas_label_index if n and config.use_mask else None, roi_size)
+        packed = packed[(slice(None), slice(None)) + region]
 
     def window(x: torch.Tensor) -> dict[str, torch.Tensor]:
         t, coords = x[:, :c], x[:, c:c + 3]
@@ -89,8 +95,48 @@ def predict(model: torch.nn.Module, target: torch.Tensor, atlas_images: torch.Te
     weights = out.get("weights")
     if weights is not None:
         weights = weights[0].reshape(n, config.n_labels, *spatial)
-    return DLFPrediction(out["probabilities"][0], out["initial"][0], out["votes"][0] if "votes" in out else None,
-                         weights, seconds)
+    maps = {k: _uncrop(out[k][0], region, spatial) for k in ("probabilities", "initial", "votes") if k in out}
+    return DLFPrediction(maps["probabilities"], maps["initial"], maps.get("votes"), weights, seconds)
+
+
+def prediction_region(target: torch.Tensor, atlas_label_index: torch.Tensor | None, roi_size: Sequence[int],
+                      margin: int | None = None) -> tuple[slice, slice, slice]:
+    """The box of the target where a prediction can differ from background, enlarged by ``margin`` voxels of
+    context (default: a quarter of the window) and to at least one window where the volume allows.
+
+    With atlas labels (a DLF with atlas-union masking): the box around every atlas's foreground, outside which
+    the mask sets every foreground label to zero. Without: the box around the voxels where any target channel
+    differs from its minimum (skull-stripped or masked images have a constant background). A volume with
+    content everywhere gives the whole volume.
+    """
+    if atlas_label_index is not None:
+        content = (atlas_label_index > 0).any(0)
+    else:
+        floor = target.flatten(1).amin(1).view(-1, 1, 1, 1)
+        content = (target != floor).any(0)
+    if not bool(content.any()):
+        return (slice(None),) * 3
+    margin = max(int(r) for r in roi_size) // 4 if margin is None else margin
+    box = []
+    for axis, (size, roi) in enumerate(zip(content.shape, roi_size)):
+        hits = torch.nonzero(content.any(dim=[d for d in range(3) if d != axis])).flatten()
+        lo, hi = max(0, int(hits[0]) - margin), min(size, int(hits[-1]) + 1 + margin)
+        short = min(int(roi), size) - (hi - lo)
+        if short > 0:  # grow to a whole window: no padding inside the volume
+            lo = max(0, min(lo - short // 2, size - int(roi)))
+            hi = min(size, lo + max(int(roi), hi - lo))
+        box.append(slice(lo, hi))
+    return tuple(box)
+
+
+def _uncrop(values: torch.Tensor, region: tuple[slice, ...], spatial: Sequence[int]) -> torch.Tensor:
+    """(L, ...) maps of the region back on the whole grid; outside it, all background (label index 0)."""
+    if all(r == slice(None) for r in region):
+        return values
+    full = torch.zeros((values.shape[0], *spatial), dtype=values.dtype)
+    full[0] = 1.0
+    full[(slice(None),) + tuple(region)] = values
+    return full
 
 
 @dataclass

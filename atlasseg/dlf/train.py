@@ -56,6 +56,8 @@ class TrainConfig:
     ``candidates_per_target``: atlases registered (and cached) per training target, drawn once from the pool
     without the target; every epoch re-draws ``n_atlases`` of them (None: the whole pool, i.e. every pair).
     ``step_milestones``: fractions of ``epochs`` where the step schedule multiplies the rate by ``step_gamma``.
+    ``val_interval``: validate (whole-volume sliding windows) every that many epochs and after the last one; the
+    model folder keeps the best validated weights.
     """
 
     epochs: int = 20
@@ -75,6 +77,7 @@ class TrainConfig:
     backend: str = "torch"
     preset: str = "default"
     overlap: float = 0.5
+    val_interval: int = 1
     augment: AugmentConfig = field(default_factory=AugmentConfig)
 
     def __post_init__(self):
@@ -85,8 +88,8 @@ class TrainConfig:
             raise ValueError(f"schedule must be 'step' or 'cosine', got {self.schedule!r}")
         if self.loss not in ("gdl", "gdl_ce"):
             raise ValueError(f"loss must be 'gdl' or 'gdl_ce', got {self.loss!r}")
-        if self.epochs < 1 or self.n_atlases < 0:
-            raise ValueError("epochs must be >= 1 and n_atlases >= 0")
+        if self.epochs < 1 or self.n_atlases < 0 or self.val_interval < 1:
+            raise ValueError("epochs and val_interval must be >= 1 and n_atlases >= 0")
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -330,7 +333,9 @@ class Trainer:
                 progress.stage("training")((epoch - start_epoch + (step + 1) / steps_per_epoch)
                                            / (cfg.epochs - start_epoch),
                                            f"epoch {epoch + 1}/{cfg.epochs} loss {np.mean(losses):.4f}")
-            val_dice, val_per_label = self.validate(model)
+            validate = (epoch + 1) % cfg.val_interval == 0 or epoch + 1 == cfg.epochs
+            val_dice, val_per_label = self.validate(model) if validate else \
+                (float("nan"), [float("nan")] * (self.architecture.n_labels - 1))
             seconds = time.perf_counter() - t0
             elapsed += seconds
             row = {"epoch": epoch + 1, "train_loss": float(np.mean(losses)), "val_dice": val_dice,
@@ -339,7 +344,7 @@ class Trainer:
             row.update({f"val_dice_{self.atlas_set.labels[v]}": d
                         for v, d in zip(self.atlas_set.label_values[1:], val_per_label)})
             history.append(row)
-            if not self.val_cases or val_dice >= best["dice"]:
+            if not self.val_cases or (validate and val_dice >= best["dice"]):
                 best = {"dice": val_dice, "state": _model_state(model), "epoch": epoch + 1}
             self.log(f"epoch {epoch + 1}/{cfg.epochs}: loss {row['train_loss']:.4f}  val Dice {val_dice:.4f} "
                      f"(majority voting {majority:.4f})  {seconds:.1f}s")
@@ -350,7 +355,7 @@ class Trainer:
     def _write_epoch(self, model, optimizer, history, best, epoch: int, elapsed: float) -> None:
         """Model folder (best weights), CSV log, PNG curves, then the checkpoint (all atomic)."""
         best_model = build_model(self.architecture)
-        best_model.load_state_dict(best["state"])
+        best_model.load_state_dict(best["state"] if best["state"] is not None else _model_state(model))
         last = history[-1]
         extra = {
             "patch_size": list(self.config.patch_size), "overlap": self.config.overlap,
