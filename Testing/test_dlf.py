@@ -218,6 +218,13 @@ def test_resume_continues_from_the_saved_epoch(trained):
     again = train(_set_of(trained), trained["snapshot"], DLFConfig(n_labels=5, **TINY), tiny_training(2),
                   trained["cache"], "cpu", resume=True, log=lambda m: None, show_progress=False)
     assert len(again.history) == 2
+    # a checkpoint written before a setting existed resumes with that setting at its default
+    older = shutil.copytree(trained["snapshot"], trained["snapshot"].parent / "older_checkpoint")
+    state = torch.load(older / "checkpoint.pt", weights_only=True)
+    del state["identity"]["training"]["val_interval"]
+    torch.save(state, older / "checkpoint.pt")
+    assert len(train(_set_of(trained), older, DLFConfig(n_labels=5, **TINY), tiny_training(2), trained["cache"],
+                     "cpu", resume=True, log=lambda m: None, show_progress=False).history) == 2
     with pytest.raises(TrainingError, match="pass --resume"):
         train(_set_of(trained), trained["folder"], DLFConfig(n_labels=5, **TINY), tiny_training(8), trained["cache"],
               "cpu", log=lambda m: None, show_progress=False)

@@ -288,7 +288,7 @@ class Trainer:
         if resume and not checkpoint_path.is_file():
             raise TrainingError(f"{checkpoint_path}: nothing to resume (no checkpoint in {self.output})")
         state = _load_checkpoint(checkpoint_path) if resume else None
-        if state is not None and state.get("identity") != self._identity():
+        if state is not None and _with_defaults(state.get("identity")) != self._identity():
             raise TrainingError(f"{checkpoint_path}: the checkpoint was written with other settings (architecture, "
                                 "training config or data split); resume with the same settings")
         self.output.mkdir(parents=True, exist_ok=True)
@@ -379,6 +379,15 @@ class Trainer:
             "identity": self._identity(), "epoch": epoch, "seconds": elapsed, "history": history,
             "model": _model_state(model), "optimizer": copy.deepcopy(optimizer.state_dict()),
             "best_model": best["state"], "best_dice": float(best["dice"]), "best_epoch": best["epoch"]})
+
+
+def _with_defaults(identity: dict | None) -> dict | None:
+    """A saved run identity with the settings added since it was written filled in at their defaults (an older
+    checkpoint stays resumable)."""
+    if not identity or "training" not in identity:
+        return identity
+    defaults = {k: v for k, v in TrainConfig().to_dict().items() if k != "epochs"}
+    return {**identity, "training": {**defaults, **identity["training"]}}
 
 
 def train(atlas_set: AtlasSet, output: str | Path, architecture: DLFConfig | None = None,
