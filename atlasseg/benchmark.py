@@ -243,8 +243,10 @@ def summarize(results: dict) -> dict:
     return out
 
 
-def _mean(x) -> float:
-    return float(np.nanmean(np.asarray(x, dtype=float))) if len(x) else float("nan")
+def nan_mean(values) -> float:
+    """Mean over the finite entries (NaN marks an undefined metric, e.g. HD95 of an empty label); NaN if none."""
+    x = np.asarray(values, dtype=float)
+    return float(x[~np.isnan(x)].mean()) if (~np.isnan(x)).any() else float("nan")
 
 
 def markdown(results: dict, command: str, wall_s: float) -> str:
@@ -264,18 +266,18 @@ def markdown(results: dict, command: str, wall_s: float) -> str:
     lines.append("|" + "---|" * (5 + 2 * len(names)))
     for backend, b in summary.items():
         for m, mm in b["methods"].items():
-            dices = [_mean(mm["dice"][v]) for v in names]
-            hds = [_mean(mm["hd95"][v]) for v in names]
+            dices = [nan_mean(mm["dice"][v]) for v in names]
+            hds = [nan_mean(mm["hd95"][v]) for v in names]
             lines.append(f"| {backend} | {METHOD_NAMES.get(m, m)} | " + " | ".join(f"{d:.4f}" for d in dices)
                          + f" | {np.mean(dices):.4f} | " + " | ".join(f"{h:.2f}" for h in hds)
-                         + f" | {_mean(mm['seconds']):.2f} | {max(mm['peak']):.2f} |")
+                         + f" | {nan_mean(mm['seconds']):.2f} | {max(mm['peak']):.2f} |")
     lines.append("")
     lines.append("| registration | s per atlas (mean) | s per target (10 atlases) | peak RSS GiB | oracle(10%) "
                  "foreground coverage |")
     lines.append("|---|---|---|---|---|")
     for backend, b in summary.items():
-        s = _mean(b["reg_s_per_atlas"])
-        lines.append(f"| {backend} | {s:.2f} | {10 * s:.1f} | {max(b['reg_peak']):.2f} | {_mean(b['oracle']):.4f} |")
+        s = nan_mean(b["reg_s_per_atlas"])
+        lines.append(f"| {backend} | {s:.2f} | {10 * s:.1f} | {max(b['reg_peak']):.2f} | {nan_mean(b['oracle']):.4f} |")
     lines.append("")
     lines += _ratios(summary, names)
     return "\n".join(lines) + "\n"
@@ -286,20 +288,20 @@ def _ratios(summary: dict, names: dict) -> list[str]:
     t = summary.get("torch")
     g = summary.get("greedy")
     if t and g:
-        ratio = _mean(t["reg_s_per_atlas"]) / _mean(g["reg_s_per_atlas"])
+        ratio = nan_mean(t["reg_s_per_atlas"]) / nan_mean(g["reg_s_per_atlas"])
         out.append(f"- registration time per atlas, torch / greedy: **{ratio:.2f}x**")
         for v, n in names.items():
-            d = _mean(t["methods"]["majority"]["dice"][v]) - _mean(g["methods"]["majority"]["dice"][v])
+            d = nan_mean(t["methods"]["majority"]["dice"][v]) - nan_mean(g["methods"]["majority"]["dice"][v])
             out.append(f"- majority voting Dice {n}, torch - greedy: {d:+.4f}")
     if t:
         for v, n in names.items():
-            d = _mean(t["methods"]["jlf"]["dice"][v]) - _mean(t["methods"]["majority"]["dice"][v])
+            d = nan_mean(t["methods"]["jlf"]["dice"][v]) - nan_mean(t["methods"]["majority"]["dice"][v])
             out.append(f"- our JLF - majority voting, Dice {n} (torch registration): {d:+.4f}")
         if "ants_jlf" in t["methods"]:
             for v, n in names.items():
-                d = _mean(t["methods"]["jlf"]["dice"][v]) - _mean(t["methods"]["ants_jlf"]["dice"][v])
+                d = nan_mean(t["methods"]["jlf"]["dice"][v]) - nan_mean(t["methods"]["ants_jlf"]["dice"][v])
                 out.append(f"- our JLF - antspyx JLF, Dice {n} (same warped atlases): {d:+.4f}")
-            speed = _mean(t["methods"]["ants_jlf"]["seconds"]) / _mean(t["methods"]["jlf"]["seconds"])
+            speed = nan_mean(t["methods"]["ants_jlf"]["seconds"]) / nan_mean(t["methods"]["jlf"]["seconds"])
             out.append(f"- JLF speed-up over antspyx on CPU: **{speed:.1f}x**")
     return out
 

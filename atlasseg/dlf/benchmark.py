@@ -25,7 +25,7 @@ import numpy as np
 import torch
 
 from ..atlas import AtlasSet, AtlasSetError, load_atlas_set
-from ..benchmark import PeakMemory, git_commit, machine_description, update_markdown
+from ..benchmark import PeakMemory, git_commit, machine_description, nan_mean, update_markdown
 from ..device import resolve_device
 from ..fusion import fuse, oracle_coverage
 from ..io import Geometry, label_pixel_type, tensor_to_image
@@ -212,10 +212,6 @@ def _score(segmentation: torch.Tensor, reference, geometry: Geometry, names: dic
             "seconds": seconds}
 
 
-def _mean(values) -> float:
-    return float(np.nanmean(np.asarray(values, dtype=float))) if len(values) else float("nan")
-
-
 def markdown(protocol: Protocol, rows: list[dict], models: dict, command: str, wall_s: float, commit: str,
              device: str) -> str:
     names = {v: n for v, n in protocol.test_set.labels.items() if v != 0}
@@ -232,15 +228,15 @@ def markdown(protocol: Protocol, rows: list[dict], models: dict, command: str, w
              "|" + "---|" * (3 + 2 * len(names))]
     summary = {}
     for m in methods:
-        dice = [_mean([r["methods"][m]["dice"][v] for r in rows]) for v in names]
-        hd = [_mean([r["methods"][m]["hd95"][v] for r in rows]) for v in names]
+        dice = [nan_mean([r["methods"][m]["dice"][v] for r in rows]) for v in names]
+        hd = [nan_mean([r["methods"][m]["hd95"][v] for r in rows]) for v in names]
         summary[m] = dice
         label = VARIANTS.get(m) or CLASSIC[m]
-        seconds = _mean([r["methods"][m]["seconds"] for r in rows])
+        seconds = nan_mean([r["methods"][m]["seconds"] for r in rows])
         lines.append(f"| {label} | " + " | ".join(f"{d:.4f}" for d in dice) + f" | {np.mean(dice):.4f} | "
                      + " | ".join(f"{h:.2f}" for h in hd) + f" | {seconds:.2f} |")
-    lines += ["", f"Oracle(10%) foreground coverage: {_mean([r['oracle10'] for r in rows]):.4f}; registration "
-              f"{_mean([r['registration_s'] for r in rows]):.1f} s per test target "
+    lines += ["", f"Oracle(10%) foreground coverage: {nan_mean([r['oracle10'] for r in rows]):.4f}; registration "
+              f"{nan_mean([r['registration_s'] for r in rows]):.1f} s per test target "
               f"({len(protocol.atlas_ids)} atlases)", "",
               "| model | epochs | training time (min) | peak RSS GiB | best validation Dice |", "|---|---|---|---|---|"]
     for m, (_, info) in models.items():
