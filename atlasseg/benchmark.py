@@ -26,7 +26,7 @@ import torch
 from .atlas import load_atlas_set
 from .fusion import METHODS, oracle_coverage
 from .io import atomic_write_bytes, image_to_tensor
-from .metrics import segmentation_metrics
+from .metrics import nan_mean, segmentation_metrics
 from .pipeline import fuse_prepared, prepare
 
 METHOD_NAMES = {"majority": "majority voting", "weighted": "local weighted voting", "jlf": "joint label fusion",
@@ -241,12 +241,6 @@ def summarize(results: dict) -> dict:
             mm["seconds"].append(r["seconds"])
             mm["peak"].append(r["peak_gib"])
     return out
-
-
-def nan_mean(values) -> float:
-    """Mean over the finite entries (NaN marks an undefined metric, e.g. HD95 of an empty label); NaN if none."""
-    x = np.asarray(values, dtype=float)
-    return float(x[~np.isnan(x)].mean()) if (~np.isnan(x)).any() else float("nan")
 
 
 def markdown(results: dict, command: str, wall_s: float) -> str:

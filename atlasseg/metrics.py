@@ -200,7 +200,7 @@ def surface_distances(
     return hd, assd
 
 
-def _nanmean(values: Sequence[float]) -> float:
+def nan_mean(values: Sequence[float]) -> float:
     """Mean ignoring NaN; NaN (without a warning) if nothing is left."""
     finite = [v for v in values if not math.isnan(v)]
     return float(np.mean(finite)) if finite else math.nan
@@ -260,7 +260,7 @@ def segmentation_metrics(
         entry["reference_voxels"], entry["predicted_voxels"] = n_ref, n_pred
         per_label[value] = {k: entry[k] for k in ("name", *METRIC_NAMES, *_COUNT_NAMES)}
 
-    mean = {m: _nanmean([float(e[m]) for e in per_label.values()]) for m in METRIC_NAMES}
+    mean = {m: nan_mean([float(e[m]) for e in per_label.values()]) for m in METRIC_NAMES}
     return {"labels": per_label, "mean": mean}
 
 

@@ -25,11 +25,11 @@ import numpy as np
 import torch
 
 from ..atlas import AtlasSet, AtlasSetError, load_atlas_set
-from ..benchmark import PeakMemory, git_commit, machine_description, nan_mean, update_markdown
+from ..benchmark import PeakMemory, git_commit, machine_description, update_markdown
 from ..device import resolve_device
 from ..fusion import fuse, oracle_coverage
 from ..io import Geometry, label_pixel_type, tensor_to_image
-from ..metrics import segmentation_metrics
+from ..metrics import nan_mean, segmentation_metrics
 from .data import AugmentConfig, RegistrationCache
 from .inference import predict
 from .model_io import load_model

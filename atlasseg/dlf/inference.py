@@ -124,7 +124,7 @@ def prediction_region(target: torch.Tensor, atlas_label_index: torch.Tensor | No
         short = min(int(roi), size) - (hi - lo)
         if short > 0:  # grow to a whole window: no padding inside the volume
             lo = max(0, min(lo - short // 2, size - int(roi)))
-            hi = min(size, lo + max(int(roi), hi - lo))
+            hi = min(size, lo + int(roi))
         box.append(slice(lo, hi))
     return tuple(box)
 
