@@ -244,6 +244,23 @@ def test_validation_every_k_epochs_keeps_the_best_validated_weights(trained, tmp
     assert len(rows) == 3 and rows[0]["val_dice"] == "nan"
 
 
+def test_a_plain_unet_resumes_across_atlas_sampling_settings_a_dlf_does_not(trained, tmp_path):
+    """The U-Net baseline draws no atlases, so a finished one is reused when only the DLF's atlas sampling changed;
+    a DLF checkpoint with other atlas sampling is refused."""
+    unet = DLFConfig(n_labels=5, kind="unet", **TINY)
+    first = train(_set_of(trained), tmp_path / "unet", unet, tiny_training(2), trained["cache"], "cpu",
+                  log=lambda m: None, show_progress=False)
+    again = train(_set_of(trained), tmp_path / "unet", unet, tiny_training(2, n_atlases=6, candidates_per_target=3),
+                  trained["cache"], "cpu", resume=True, log=lambda m: None, show_progress=False)
+    assert [r["train_loss"] for r in again.history] == [r["train_loss"] for r in first.history]
+    with pytest.raises(TrainingError, match="other settings"):
+        train(_set_of(trained), tmp_path / "unet", unet, tiny_training(2, learning_rate=1e-3), trained["cache"],
+              "cpu", resume=True, log=lambda m: None, show_progress=False)
+    with pytest.raises(TrainingError, match="other settings"):
+        train(_set_of(trained), trained["snapshot"], DLFConfig(n_labels=5, **TINY), tiny_training(2, n_atlases=3),
+              trained["cache"], "cpu", resume=True, log=lambda m: None, show_progress=False)
+
+
 def _set_of(trained):
     config = json.loads((trained["folder"] / "config.json").read_text())
     return load_atlas_set(config["training"]["atlas_root"])

@@ -288,7 +288,7 @@ class Trainer:
         if resume and not checkpoint_path.is_file():
             raise TrainingError(f"{checkpoint_path}: nothing to resume (no checkpoint in {self.output})")
         state = _load_checkpoint(checkpoint_path) if resume else None
-        if state is not None and _with_defaults(state.get("identity")) != self._identity():
+        if state is not None and _comparable(_with_defaults(state.get("identity"))) != _comparable(self._identity()):
             raise TrainingError(f"{checkpoint_path}: the checkpoint was written with other settings (architecture, "
                                 "training config or data split); resume with the same settings")
         self.output.mkdir(parents=True, exist_ok=True)
@@ -388,6 +388,18 @@ def _with_defaults(identity: dict | None) -> dict | None:
         return identity
     defaults = {k: v for k, v in TrainConfig().to_dict().items() if k != "epochs"}
     return {**identity, "training": {**defaults, **identity["training"]}}
+
+
+ATLAS_ONLY_SETTINGS = ("n_atlases", "candidates_per_target")
+
+
+def _comparable(identity: dict | None) -> dict | None:
+    """A run identity without the atlas-sampling settings when the model uses no atlases (a plain U-Net): they do
+    not change its training, so a U-Net trained beside one DLF configuration is reused beside another."""
+    if not identity or identity.get("architecture", {}).get("kind") == "dlf" or "training" not in identity:
+        return identity
+    training = {k: v for k, v in identity["training"].items() if k not in ATLAS_ONLY_SETTINGS}
+    return {**identity, "training": training}
 
 
 def train(atlas_set: AtlasSet, output: str | Path, architecture: DLFConfig | None = None,
