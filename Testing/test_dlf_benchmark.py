@@ -53,9 +53,12 @@ def test_generalisation_benchmark_trains_tests_and_resumes(tmp_path, capsys):
             assert len(dice) == 4 and all(0.0 <= d <= 1.0 for d in dice)
         # phantoms register well: label fusion is far above chance
         assert np.mean(list(row["methods"]["majority"]["dice"].values())) > 0.6
+    assert "trained by an earlier run" not in text          # both models were trained here: peaks measured
     manifest = work / "reduced" / "cache_test" / "manifest.json"
     registered = manifest.stat().st_mtime_ns
     capsys.readouterr()
     assert main(args) == 0                                 # a rerun reuses the models and the registrations
     assert capsys.readouterr().out.count("already trained for 2 epoch(s)") == 2     # DLF and U-Net
     assert manifest.stat().st_mtime_ns == registered
+    reused = [line for line in md.read_text().splitlines() if "trained by an earlier run" in line]
+    assert len(reused) == 4                                # DLF, U-Net and the two switched-off ablations

@@ -144,6 +144,14 @@ def _variant_architecture(arch: DLFConfig, variant: str) -> DLFConfig:
             "unet": replace(arch, kind="unet")}[variant]
 
 
+def _epochs_logged(folder: Path) -> int:
+    """Epochs recorded in a model folder's training log (0 when there is none)."""
+    log_file = folder / "training_log.csv"
+    if not log_file.is_file():
+        return 0
+    return max(0, sum(1 for line in log_file.read_text().splitlines() if line.strip()) - 1)
+
+
 def train_variants(protocol: Protocol, work: Path, device: str, ablations: str, log=print) -> dict:
     """Train (or resume) each variant's model under ``work/models``; returns {variant: (model, info)}."""
     models = {}
@@ -152,6 +160,7 @@ def train_variants(protocol: Protocol, work: Path, device: str, ablations: str, 
         folder = work / "models" / variant
         arch = _variant_architecture(protocol.architecture, variant)
         resume = (folder / "checkpoint.pt").is_file()
+        reused = resume and _epochs_logged(folder) >= protocol.training.epochs
         log(f"training {VARIANTS[variant]} -> {folder}" + (" (resuming)" if resume else ""))
         t0 = time.perf_counter()
         with PeakMemory() as mem:
@@ -160,7 +169,7 @@ def train_variants(protocol: Protocol, work: Path, device: str, ablations: str, 
         loaded = load_model(folder, resolve_device(device))
         models[variant] = (loaded.model, {"train_s": result.seconds, "wall_s": time.perf_counter() - t0,
                                           "peak_gib": mem.gib, "best_val_dice": result.best_val_dice,
-                                          "epochs": len(result.history)})
+                                          "epochs": len(result.history), "reused": reused})
     if ablations == "switch-off":
         full, info = models["dlf"]
         for variant in ("dlf_no_finetune", "dlf_no_weighted_voting"):
@@ -244,7 +253,9 @@ def markdown(protocol: Protocol, rows: list[dict], models: dict, command: str, w
               "| model | epochs | training time (min) | peak RSS GiB | best validation Dice |", "|---|---|---|---|---|"]
     for m, (_, info) in models.items():
         note = " (switched off in the trained DLF)" if "switched_off_from" in info else ""
-        lines.append(f"| {VARIANTS[m]}{note} | {info['epochs']} | {info['train_s'] / 60:.1f} | {info['peak_gib']:.2f} "
+        # a model trained by an earlier run was only loaded here: its training peak was not measured
+        peak = "not measured (trained by an earlier run)" if info.get("reused") else f"{info['peak_gib']:.2f}"
+        lines.append(f"| {VARIANTS[m]}{note} | {info['epochs']} | {info['train_s'] / 60:.1f} | {peak} "
                      f"| {info['best_val_dice']:.4f} |")
     dlf, jlf, unet = summary["dlf"], summary["jlf"], summary["unet"]
     lines += ["", "Per test target, DLF - JLF and DLF - plain U-Net (mean Dice over labels):"]
