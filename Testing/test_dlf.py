@@ -217,7 +217,7 @@ def test_resume_continues_from_the_saved_epoch(trained):
     # a finished run resumed again does nothing; a new run into the same folder is refused
     again = train(_set_of(trained), trained["snapshot"], DLFConfig(n_labels=5, **TINY), tiny_training(2),
                   trained["cache"], "cpu", resume=True, log=lambda m: None, show_progress=False)
-    assert len(again.history) == 2
+    assert len(again.history) == 2 and again.epochs_run == 0 and trained["result"].epochs_run == 6
     # a checkpoint written before a setting existed resumes with that setting at its default
     older = shutil.copytree(trained["snapshot"], trained["snapshot"].parent / "older_checkpoint")
     state = torch.load(older / "checkpoint.pt", weights_only=True)

@@ -144,14 +144,6 @@ def _variant_architecture(arch: DLFConfig, variant: str) -> DLFConfig:
             "unet": replace(arch, kind="unet")}[variant]
 
 
-def _epochs_logged(folder: Path) -> int:
-    """Epochs recorded in a model folder's training log (0 when there is none)."""
-    log_file = folder / "training_log.csv"
-    if not log_file.is_file():
-        return 0
-    return max(0, sum(1 for line in log_file.read_text().splitlines() if line.strip()) - 1)
-
-
 def train_variants(protocol: Protocol, work: Path, device: str, ablations: str, log=print) -> dict:
     """Train (or resume) each variant's model under ``work/models``; returns {variant: (model, info)}."""
     models = {}
@@ -160,7 +152,6 @@ def train_variants(protocol: Protocol, work: Path, device: str, ablations: str, 
         folder = work / "models" / variant
         arch = _variant_architecture(protocol.architecture, variant)
         resume = (folder / "checkpoint.pt").is_file()
-        reused = resume and _epochs_logged(folder) >= protocol.training.epochs
         log(f"training {VARIANTS[variant]} -> {folder}" + (" (resuming)" if resume else ""))
         t0 = time.perf_counter()
         with PeakMemory() as mem:
@@ -169,7 +160,7 @@ def train_variants(protocol: Protocol, work: Path, device: str, ablations: str, 
         loaded = load_model(folder, resolve_device(device))
         models[variant] = (loaded.model, {"train_s": result.seconds, "wall_s": time.perf_counter() - t0,
                                           "peak_gib": mem.gib, "best_val_dice": result.best_val_dice,
-                                          "epochs": len(result.history), "reused": reused})
+                                          "epochs": len(result.history), "reused": result.epochs_run == 0})
     if ablations == "switch-off":
         full, info = models["dlf"]
         for variant in ("dlf_no_finetune", "dlf_no_weighted_voting"):

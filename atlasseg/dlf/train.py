@@ -109,6 +109,7 @@ class TrainResult:
     history: list[dict]
     best_val_dice: float
     seconds: float
+    epochs_run: int = 0  # epochs trained by this call (0: the checkpoint was already complete)
 
 
 def dice_per_label(prediction: torch.Tensor, reference: torch.Tensor, n_labels: int) -> list[float]:
@@ -306,7 +307,7 @@ class Trainer:
             self.log(f"resuming {self.output} after epoch {start_epoch}")
         if start_epoch >= cfg.epochs:
             self.log(f"{self.output}: already trained for {start_epoch} epoch(s)")
-            return TrainResult(self.output, history, best["dice"], elapsed)
+            return TrainResult(self.output, history, best["dice"], elapsed, 0)
         progress = Progress([("registration", 0.2), ("training", 0.8)], enabled=self.show_progress)
         self.prepare_data(progress.stage("registration"))
         loss_fn = loss_function(cfg.loss)
@@ -350,7 +351,7 @@ class Trainer:
                      f"(majority voting {majority:.4f})  {seconds:.1f}s")
             self._write_epoch(model, optimizer, history, best, epoch + 1, elapsed)
         progress.done("training done")
-        return TrainResult(self.output, history, best["dice"], elapsed)
+        return TrainResult(self.output, history, best["dice"], elapsed, cfg.epochs - start_epoch)
 
     def _write_epoch(self, model, optimizer, history, best, epoch: int, elapsed: float) -> None:
         """Model folder (best weights), CSV log, PNG curves, then the checkpoint (all atomic)."""
