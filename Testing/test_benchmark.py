@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from atlasseg.benchmark import ROWS_FORMAT, markdown, run_suite
+from atlasseg.benchmarks.classic import ROWS_FORMAT, markdown, run_suite
 from atlasseg.phantom import make_phantom_atlas_set
 
 

@@ -46,6 +46,7 @@ def test_segment_writes_segmentation_maps_transforms_and_metrics(phantom_atlas_d
     assert len(transforms) == 8 and all(t.endswith(("_forward.nii.gz", "_inverse.nii.gz")) for t in transforms)
     run = json.loads((out / "run.json").read_text())
     assert len(run["atlases"]) == 4 and run["method"] == "jlf"
+    assert run["format"] == "atlasseg-run" and run["version"] == 1 and run["success"] is True
 
 
 def test_evaluate_writes_csv(target_files, tmp_path, capsys):

@@ -15,13 +15,14 @@ import torch.nn.functional as F
 
 from atlasseg.atlas import load_atlas_set
 from atlasseg.cli import main
-from atlasseg.dlf.data import draw_atlases
 from atlasseg.dlf.inference import predict, prediction_region, segment_dlf
-from atlasseg.dlf.model_io import ModelFolderError, check_compatible, load_model
 from atlasseg.dlf.networks import DeepLabelFusion, DLFConfig, atlas_union_mask, onehot
 from atlasseg.dlf.train import TrainConfig, TrainingError, dice_per_label, train
 from atlasseg.fusion import fuse
+from atlasseg.model_io import ModelFolderError, check_compatible, load_model
 from atlasseg.phantom import make_phantom, make_phantom_atlas_set
+from atlasseg.segmenter import SegmenterConfig, train_segmenter
+from atlasseg.training import draw_atlases
 
 TINY = {"vote_channels": (4, 8, 16), "finetune_channels": (4, 8, 16, 32)}
 PHANTOM = {"shape": (32, 32, 32), "spacing": (1.5, 1.5, 1.5), "deformation_mm": 5.0}
@@ -247,15 +248,16 @@ def test_validation_every_k_epochs_keeps_the_best_validated_weights(trained, tmp
 def test_a_plain_unet_resumes_across_atlas_sampling_settings_a_dlf_does_not(trained, tmp_path):
     """The U-Net baseline draws no atlases, so a finished one is reused when only the DLF's atlas sampling changed;
     a DLF checkpoint with other atlas sampling is refused."""
-    unet = DLFConfig(n_labels=5, kind="unet", **TINY)
-    first = train(_set_of(trained), tmp_path / "unet", unet, tiny_training(2), trained["cache"], "cpu",
-                  log=lambda m: None, show_progress=False)
-    again = train(_set_of(trained), tmp_path / "unet", unet, tiny_training(2, n_atlases=6, candidates_per_target=3),
-                  trained["cache"], "cpu", resume=True, log=lambda m: None, show_progress=False)
+    unet = SegmenterConfig.plain_unet(TINY["finetune_channels"], n_labels=5)
+    first = train_segmenter(_set_of(trained), tmp_path / "unet", unet, tiny_training(2), "cpu",
+                            log=lambda m: None, show_progress=False)
+    again = train_segmenter(_set_of(trained), tmp_path / "unet", unet,
+                            tiny_training(2, n_atlases=6, candidates_per_target=3), "cpu", resume=True,
+                            log=lambda m: None, show_progress=False)
     assert [r["train_loss"] for r in again.history] == [r["train_loss"] for r in first.history]
     with pytest.raises(TrainingError, match="other settings"):
-        train(_set_of(trained), tmp_path / "unet", unet, tiny_training(2, learning_rate=1e-3), trained["cache"],
-              "cpu", resume=True, log=lambda m: None, show_progress=False)
+        train_segmenter(_set_of(trained), tmp_path / "unet", unet, tiny_training(2, learning_rate=1e-3), "cpu",
+                        resume=True, log=lambda m: None, show_progress=False)
     with pytest.raises(TrainingError, match="other settings"):
         train(_set_of(trained), trained["snapshot"], DLFConfig(n_labels=5, **TINY), tiny_training(2, n_atlases=3),
               trained["cache"], "cpu", resume=True, log=lambda m: None, show_progress=False)

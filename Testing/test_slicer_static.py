@@ -235,3 +235,15 @@ def test_panel_renders_to_png(tmp_path):
 
 if __name__ == "__main__":
     print(render_panel("DeepLabelFusion", SCREENSHOT), SCREENSHOT)
+
+
+def test_module_method_backend_and_preset_lists_come_from_the_engine_registry():
+    """The panel offers exactly the registry's atlas-based methods (with their labels), backends and presets."""
+    from atlasseg import methods
+
+    sys.path.insert(0, str(REPO / "DeepLabelFusion"))
+    from DeepLabelFusionLib import BACKENDS, METHODS, PRESETS
+
+    expected = {name: m.label for name, m in methods.METHODS.items() if m.uses_atlases}
+    assert METHODS == expected and list(METHODS) == ["majority", "weighted", "jlf", "staple", "dlf"]
+    assert BACKENDS == methods.BACKENDS and PRESETS == methods.REGISTRATION_PRESETS

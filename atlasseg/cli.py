@@ -1,21 +1,38 @@
-"""Command line: ``atlasseg segment | evaluate | benchmark | demo``.
+"""Command line: ``atlasseg segment | train | evaluate | benchmark | demo`` (``dlf-train``: ``train --method dlf``).
 
-Bad input ends with exit code 2 and a one-line reason on stderr; nothing is written over the inputs.
+Methods, backends and presets come from the registry (:mod:`atlasseg.methods`); training flags are derived from
+each method's config dataclasses (:mod:`atlasseg.config`), so defaults are written once. Bad input ends with exit
+code 2 and a one-line reason on stderr; nothing is written over the inputs.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 from pathlib import Path
 
 from .atlas import AtlasSetError, load_atlas_set, load_target, read_label
-from .fusion import METHODS
+from .config import add_dataclass_args, dataclass_from, overrides_from_args, read_json_config, to_dict
 from .io import ImageError
-from .registration import BACKENDS
+from .methods import (
+    BACKENDS,
+    DATA_FIELDS,
+    REGISTRATION_PRESETS,
+    config_classes,
+    get_method,
+    implementation,
+    method_names,
+)
 
-PRESETS = ("fast", "default", "accurate", "affine")
+PRESETS = REGISTRATION_PRESETS
+BENCHMARK_SUITES = ("hippocampus", "fetal", "dlf-hippocampus", "dlf-fetal-sb", "dlf-generalise", "backbones")
+ARCH_PREFIX = ""      # architecture flags keep their field names (--vote-channels, --backbone, ...)
+# flags of the former dlf-train command, kept working: flag -> (destination field, value or None for "given")
+LEGACY_TRAIN_FLAGS = {"--lr": ("learning_rate", float), "--candidates": ("candidates_per_target", int)}
+LEGACY_SWITCHES = {"--no-weighted-voting": "use_weighted_voting", "--no-finetune": "use_finetune",
+                   "--no-mask": "use_mask"}
 
 
 def _add_registration_args(p: argparse.ArgumentParser) -> None:
@@ -24,7 +41,34 @@ def _add_registration_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--preset", choices=PRESETS, default="default", help="registration quality preset")
 
 
-def _parser() -> argparse.ArgumentParser:
+def _add_train_args(p: argparse.ArgumentParser, method: str | None, command: str) -> None:
+    """Common training flags, then the method's architecture and training flags derived from its dataclasses."""
+    if command == "train":
+        p.add_argument("--method", choices=method_names(trains=True), help="the method to train "
+                       "(its flags are listed by: atlasseg train --method M --help)")
+    p.add_argument("--atlases", help="atlas set folder: targets and atlas pool for training")
+    p.add_argument("--output", help="model folder (model.safetensors, config.json, log, curves, checkpoint)")
+    p.add_argument("--config", help="JSON file {\"architecture\": {...}, \"training\": {...}}; flags override it")
+    p.add_argument("--print-config", action="store_true", help="print the resolved configuration and exit")
+    p.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, gpu or cuda:N")
+    p.add_argument("--resume", action="store_true", help="continue an interrupted run from its last checkpoint")
+    p.add_argument("--cache", help="registration cache folder (default OUTPUT/registration_cache)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    if method is None:
+        return
+    architecture, training = config_classes(method)
+    add_dataclass_args(p.add_argument_group(f"{method} architecture"), architecture, ARCH_PREFIX, DATA_FIELDS)
+    group = p.add_argument_group("training")
+    add_dataclass_args(group, training, "train_", flag_prefix="")
+    for flag, (field, kind) in LEGACY_TRAIN_FLAGS.items():
+        group.add_argument(flag, dest=f"train_{field}", type=kind, help=f"same as --{field.replace('_', '-')}")
+    if method == "dlf":
+        for flag, field in LEGACY_SWITCHES.items():
+            group.add_argument(flag, dest=field, action="store_const", const=False,
+                               help=f"ablation: same as --no-{field.replace('_', '-')}")
+
+
+def _parser(train_method: str | None = None) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="atlasseg", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
 
@@ -32,8 +76,10 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--target", nargs="+", required=True, help="target image(s), one per modality")
     p.add_argument("--atlases", required=True, help="atlas set folder (dataset.json, imagesTr, labelsTr)")
     p.add_argument("--output", required=True, help="output folder (segmentation.nii.gz, maps/, run.json)")
-    p.add_argument("--method", choices=METHODS + ("dlf",), default="jlf")
-    p.add_argument("--model", help="trained Deep Label Fusion model folder (with --method dlf)")
+    p.add_argument("--method", choices=method_names(), default="jlf",
+                   help="fusion method, or a trained method with --model (default jlf)")
+    p.add_argument("--model", help="trained model folder (methods that train: "
+                                   f"{', '.join(method_names(trains=True))})")
     p.add_argument("--n-atlases", type=int, default=None,
                    help="atlases drawn with --seed (default 10; for dlf the number the model was trained with)")
     p.add_argument("--atlas-ids", nargs="*", help="use exactly these atlas case ids")
@@ -49,31 +95,10 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     _add_registration_args(p)
 
-    p = sub.add_parser("dlf-train", help="train a Deep Label Fusion model on an atlas set")
-    p.add_argument("--atlases", required=True, help="atlas set folder: targets and atlas pool for training")
-    p.add_argument("--output", required=True, help="model folder (model.safetensors, config.json, log, curves)")
-    p.add_argument("--epochs", type=int, default=20)
-    p.add_argument("--n-atlases", type=int, default=5, help="atlases per training target, re-drawn every epoch")
-    p.add_argument("--candidates", type=int, default=None,
-                   help="atlases registered per training target (default: every other case)")
-    p.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, gpu or cuda:N")
-    p.add_argument("--resume", action="store_true", help="continue an interrupted run from its last checkpoint")
-    p.add_argument("--val-fraction", type=float, default=0.1, help="share of targets held out for validation")
-    p.add_argument("--val-interval", type=int, default=1, help="validate every K epochs (and after the last)")
-    p.add_argument("--cache", help="registration cache folder (default OUTPUT/registration_cache)")
-    p.add_argument("--patch-size", type=int, nargs=3, default=[48, 48, 48], metavar=("Z", "Y", "X"))
-    p.add_argument("--vote-channels", type=int, nargs="+", default=[32, 64, 128])
-    p.add_argument("--finetune-channels", type=int, nargs="+", default=[32, 64, 128, 256])
-    p.add_argument("--no-weighted-voting", action="store_true", help="ablation: uniform voting weights")
-    p.add_argument("--no-finetune", action="store_true", help="ablation: no fine-tuning subnet")
-    p.add_argument("--no-mask", action="store_true", help="ablation: no atlas-union masking")
-    p.add_argument("--lr", type=float, default=5e-4)
-    p.add_argument("--schedule", choices=("step", "cosine"), default="step")
-    p.add_argument("--loss", choices=("gdl", "gdl_ce"), default="gdl_ce")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--backend", choices=BACKENDS, default="torch", help="registration backend (default torch)")
-    p.add_argument("--preset", choices=PRESETS, default="default", help="registration quality preset")
-    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    for command in ("train", "dlf-train"):
+        p = sub.add_parser(command, help="train a method's model on an atlas set" if command == "train" else
+                           "alias of: train --method dlf")
+        _add_train_args(p, train_method if command == "train" else "dlf", command)
 
     p = sub.add_parser("evaluate", help="metrics of a prediction against a reference")
     p.add_argument("--prediction", required=True)
@@ -82,7 +107,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--output", help="write .json or .csv")
 
     p = sub.add_parser("benchmark", help="the fixed benchmark protocols (results into BENCHMARKS.md)")
-    p.add_argument("suite", choices=("hippocampus", "fetal", "dlf-hippocampus", "dlf-fetal-sb", "dlf-generalise"))
+    p.add_argument("suite", choices=BENCHMARK_SUITES)
+    p.add_argument("--backbones", nargs="+", help="backbones suite: which backbones (default: all registered)")
     p.add_argument("--data", help="data folder (default ../shared/data/<suite>)")
     p.add_argument("--targets", type=int, default=None, help="limit the number of targets (default: all)")
     p.add_argument("--no-ants", action="store_true", help="skip the antspyx peer")
@@ -128,10 +154,11 @@ def _segment(args) -> int:
     atlas_set = load_atlas_set(args.atlases)
     _check_output(Path(args.output), [Path(args.atlases)] + [Path(t) for t in args.target])
     target = load_target(args.target, len(atlas_set.modalities))
-    if args.method == "dlf":
-        return _segment_dlf(args, atlas_set, target)
+    method = get_method(args.method)
+    if method.trains:
+        return _segment_trained(args, atlas_set, target)
     if args.model:
-        raise ValueError("--model is only used with --method dlf")
+        raise ValueError(f"--model is only used with a trained method ({', '.join(method_names(trains=True))})")
     params = {}
     if args.method == "jlf":
         params = {"alpha": args.jlf_alpha, "beta": args.jlf_beta, "patch_radius": args.jlf_patch_radius,
@@ -143,14 +170,17 @@ def _segment(args) -> int:
     return 0
 
 
-def _segment_dlf(args, atlas_set, target) -> int:
-    from .dlf.inference import segment_dlf
+def _segment_trained(args, atlas_set, target) -> int:
+    from .model_io import load_model
 
     if not args.model:
-        raise ValueError("--method dlf needs --model MODEL_FOLDER (see atlasseg dlf-train)")
-    result = segment_dlf(target, atlas_set, args.model, n_atlases=args.n_atlases, atlas_ids=args.atlas_ids,
-                         exclude=args.exclude, backend=args.backend, device=args.device, preset=args.preset,
-                         seed=args.seed, maps=args.maps, show_progress=not args.quiet)
+        raise ValueError(f"--method {args.method} needs --model MODEL_FOLDER (see atlasseg train --method "
+                         f"{args.method})")
+    loaded = load_model(args.model, "cpu", method=args.method)
+    result = implementation(args.method).segment_method(
+        target, atlas_set, loaded, n_atlases=args.n_atlases, atlas_ids=args.atlas_ids, exclude=args.exclude,
+        backend=args.backend, device=args.device, preset=args.preset, seed=args.seed, maps=args.maps,
+        show_progress=not args.quiet)
     _write_result(args, atlas_set, result)
     return 0
 
@@ -195,44 +225,101 @@ def _demo(args) -> int:
     return 0
 
 
-def _dlf_train(args) -> int:
-    from .dlf.networks import DLFConfig
-    from .dlf.train import TrainConfig, train
+def _train_configs(args, method: str, atlas_set=None) -> tuple[object | dict, object]:
+    """(architecture, training) from --config and the flags; the architecture is a dict until the atlas set
+    gives its data fields."""
+    architecture_cls, training_cls = config_classes(method)
+    file = read_json_config(args.config) if args.config else {}
+    if file.get("method", method) != method:
+        raise ValueError(f"{args.config}: a configuration for method {file['method']!r}, not {method!r}")
+    unknown = sorted(set(file) - {"method", "architecture", "training"})
+    if unknown:
+        raise ValueError(f"{args.config}: unknown sections {unknown} (expected architecture, training)")
+    arch = {**file.get("architecture", {}), **overrides_from_args(args, architecture_cls, ARCH_PREFIX)}
+    training = dataclass_from(training_cls, file.get("training"), overrides_from_args(args, training_cls, "train_"),
+                              where=args.config or "training")
+    if atlas_set is None:
+        return {k: v for k, v in arch.items() if k not in DATA_FIELDS}, training
+    data = {"n_labels": len(atlas_set.labels), "n_modalities": len(atlas_set.modalities)}
+    return dataclass_from(architecture_cls, {**arch, **data}, where=args.config or "architecture"), training
 
+
+def _train(args) -> int:
+    method = args.method
+    if args.print_config:
+        arch, training = _train_configs(args, method, load_atlas_set(args.atlases) if args.atlases else None)
+        if not args.atlases:   # show every architecture default, not only the ones given
+            architecture_cls, _ = config_classes(method)
+            defaults = {f.name: f.default for f in dataclasses.fields(architecture_cls)
+                        if f.default is not dataclasses.MISSING}
+            defaults.update({f.name: f.default_factory() for f in dataclasses.fields(architecture_cls)
+                             if f.default_factory is not dataclasses.MISSING})
+            arch = {**defaults, **arch}
+        print(json.dumps({"method": method, "architecture": arch, "training": to_dict(training)}, indent=2))
+        return 0
+    if not args.atlases or not args.output:
+        raise ValueError("training needs --atlases ATLAS_SET_FOLDER and --output MODEL_FOLDER")
     atlas_set = load_atlas_set(args.atlases)
     _check_output(Path(args.output), [Path(args.atlases)])
-    architecture = DLFConfig(n_labels=len(atlas_set.labels), n_modalities=len(atlas_set.modalities),
-                             vote_channels=tuple(args.vote_channels), finetune_channels=tuple(args.finetune_channels),
-                             use_weighted_voting=not args.no_weighted_voting, use_finetune=not args.no_finetune,
-                             use_mask=not args.no_mask)
-    config = TrainConfig(epochs=args.epochs, n_atlases=args.n_atlases, patch_size=tuple(args.patch_size),
-                         learning_rate=args.lr, schedule=args.schedule, loss=args.loss, val_fraction=args.val_fraction,
-                         val_interval=args.val_interval,
-                         candidates_per_target=args.candidates, seed=args.seed, backend=args.backend,
-                         preset=args.preset)
-    result = train(atlas_set, args.output, architecture, config, cache_dir=args.cache, device=args.device,
-                   resume=args.resume, show_progress=not args.quiet)
-    print(f"model: {result.folder} (best validation Dice {result.best_val_dice:.4f}, "
+    arch, training = _train_configs(args, method, atlas_set)
+    result = implementation(method).train_method(atlas_set, args.output, arch, training, device=args.device,
+                                                 resume=args.resume, cache_dir=args.cache,
+                                                 show_progress=not args.quiet)
+    print(f"model: {result.folder} (method {method}, best validation Dice {result.best_val_dice:.4f}, "
           f"{result.seconds / 60:.1f} min)")
     return 0
 
 
 def _benchmark(args) -> int:
     if args.suite.startswith("dlf-"):
-        from .dlf.benchmark import run_dlf_benchmark
+        from .benchmarks.dlf import run_dlf_benchmark
 
         run_dlf_benchmark(args)
-        return 0
-    from .benchmark import run_benchmark
+    elif args.suite == "backbones":
+        from .benchmarks.backbones import run_backbones_benchmark
 
-    run_benchmark(args)
+        run_backbones_benchmark(args)
+    else:
+        from .benchmarks.classic import run_benchmark
+
+        run_benchmark(args)
     return 0
 
 
+def _train_method_in(argv: list[str]) -> str | None:
+    """The method a ``train`` command line names (``--method M``, or the ``method`` of its ``--config`` file)."""
+    if not argv or argv[0] not in ("train", "dlf-train"):
+        return None
+    if argv[0] == "dlf-train":
+        return "dlf"
+    for k, arg in enumerate(argv):
+        if arg == "--method" and k + 1 < len(argv):
+            return argv[k + 1] if argv[k + 1] in method_names(trains=True) else None
+        if arg.startswith("--method="):
+            value = arg.split("=", 1)[1]
+            return value if value in method_names(trains=True) else None
+    for k, arg in enumerate(argv):
+        if arg == "--config" and k + 1 < len(argv):
+            try:
+                method = read_json_config(argv[k + 1]).get("method")
+            except (OSError, ValueError):
+                return None
+            return method if method in method_names(trains=True) else None
+    return None
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    method = _train_method_in(argv)
+    args = _parser(method).parse_args(argv)
+    if args.command in ("train", "dlf-train"):
+        if method is None:
+            print("atlasseg train: error: --method is required (or a --config file naming it); choose from "
+                  f"{', '.join(method_names(trains=True))}", file=sys.stderr)
+            return 2
+        args.method = method
     handlers = {"segment": _segment, "evaluate": _evaluate, "demo": _demo, "benchmark": _benchmark,
-                "dlf-train": _dlf_train}
+                "train": _train, "dlf-train": _train}
     try:
         return handlers[args.command](args)
     except (AtlasSetError, ImageError, ValueError, FileExistsError, FileNotFoundError, KeyError) as err:

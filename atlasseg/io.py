@@ -7,6 +7,7 @@ points follow ITK's ``(x, y, z)`` order.
 
 from __future__ import annotations
 
+import hashlib
 import os
 import tempfile
 from collections.abc import Callable
@@ -156,6 +157,23 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
             os.fsync(f.fileno())
 
     return atomic_write(write, path)
+
+
+def sha256(path: str | os.PathLike) -> str:
+    """Hex sha256 of a file (manifests and model configs record it to detect damage)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def atomic_save_tensors(tensors: dict[str, torch.Tensor], path: str | os.PathLike) -> str:
+    """A safetensors file written atomically; returns its sha256."""
+    from safetensors.torch import save_file
+
+    written = atomic_write(lambda tmp: save_file({k: v.contiguous().cpu() for k, v in tensors.items()}, tmp), path)
+    return sha256(written)
 
 
 def write_image(image: sitk.Image, path: str | os.PathLike, compress: bool = True) -> Path:

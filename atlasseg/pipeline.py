@@ -18,7 +18,7 @@ import torch
 from .atlas import AtlasSet, AtlasSetError, LoadedCase
 from .device import resolve_device
 from .fusion import METHODS, FusionResult, atlas_agreement, fuse, oracle_coverage
-from .io import Geometry, label_pixel_type, labels_to_tensor, tensor_to_image, write_image
+from .io import Geometry, atomic_write_bytes, label_pixel_type, labels_to_tensor, tensor_to_image, write_image
 from .progress import Progress
 from .registration import Registration, normalized_tensor, register, warp_atlases
 
@@ -87,10 +87,23 @@ class SegmentationResult:
         if transforms:
             for atlas_id, reg in zip(self.atlas_ids, self.registrations):
                 reg.save(out / "transforms", _safe(atlas_id))
-        summary = {"method": self.fusion.method, "atlases": self.atlas_ids, "labels": self.label_names,
-                   "timings_s": self.timings, "files": written}
-        (out / "run.json").write_text(json.dumps(summary, indent=2, default=str))
+        write_run_record(out, {"method": self.fusion.method, "atlases": self.atlas_ids, "labels": self.label_names,
+                               "timings_s": self.timings, "files": written})
         return written
+
+
+RUN_FORMAT = "atlasseg-run"
+RUN_VERSION = 1
+RUN_RECORD = "run.json"
+
+
+def write_run_record(out_dir: str | Path, fields: dict) -> Path:
+    """Write ``run.json`` atomically: ``format`` ("atlasseg-run"), ``version`` (1), ``success`` (true: written
+    last, after every output file), ``method``, ``model`` (a trained method's model folder, else absent),
+    ``atlases`` (ids, in order), ``labels`` (value -> name), ``timings_s`` (stage -> seconds) and ``files``
+    (output name -> path). Documented in README.md ("run.json")."""
+    record = {"format": RUN_FORMAT, "version": RUN_VERSION, "success": True, **fields}
+    return atomic_write_bytes(Path(out_dir) / RUN_RECORD, json.dumps(record, indent=2, default=str).encode())
 
 
 def _safe(name: str) -> str:

@@ -62,6 +62,18 @@ def findEngineRoot(start: Path | None = None) -> Path:
                       "reinstall the extension")
 
 
+def engineRegistry():
+    """The engine's method registry module (``atlasseg/methods.py``), loaded from its file: it imports nothing
+    heavy, so the panel's method, backend and preset lists come from the engine without torch in Slicer."""
+    name = "atlasseg_method_registry"
+    if name not in sys.modules:
+        spec = importlib.util.spec_from_file_location(name, findEngineRoot() / ENGINE_PACKAGE / "methods.py")
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[name] = module          # dataclasses resolve their module through sys.modules
+        spec.loader.exec_module(module)
+    return sys.modules[name]
+
+
 def pythonExecutable() -> str:
     """Slicer's ``PythonSlicer`` when running inside Slicer, else this interpreter."""
     found = shutil.which("PythonSlicer")

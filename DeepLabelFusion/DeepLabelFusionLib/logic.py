@@ -25,6 +25,7 @@ from .engine import (
     EngineProcess,
     ProgressEvent,
     engineEnvironment,
+    engineRegistry,
     findEngineRoot,
     pythonExecutable,
     readableEngineError,
@@ -38,15 +39,11 @@ from .geometry import (
     worldIjkToRas,
 )
 
-METHODS = {  # engine name -> label shown to the user
-    "majority": "Majority voting",
-    "weighted": "Local weighted voting",
-    "jlf": "Joint label fusion",
-    "staple": "STAPLE",
-    "dlf": "Deep Label Fusion",
-}
-BACKENDS = ("torch", "greedy")
-PRESETS = ("fast", "default", "accurate", "affine")
+REGISTRY = engineRegistry()  # the engine's method registry (atlasseg.methods), read without importing torch
+# engine name -> label shown to the user: the methods that work on registered atlases
+METHODS = {name: method.label for name, method in REGISTRY.METHODS.items() if method.uses_atlases}
+BACKENDS = tuple(REGISTRY.BACKENDS)
+PRESETS = tuple(REGISTRY.REGISTRATION_PRESETS)
 DEVICES = {"auto": "auto", "cpu": "cpu", "gpu": "cuda"}
 
 # Distinct, colour-blind-friendly segment colours (Okabe-Ito, then Tableau) for atlas sets read from disk.

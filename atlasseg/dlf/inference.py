@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -15,10 +14,11 @@ from monai.inferers import sliding_window_inference
 from ..atlas import AtlasSet, LoadedCase
 from ..device import resolve_device
 from ..fusion import FusionResult, labels_to_index
+from ..inference import prediction_region, uncrop
 from ..io import label_pixel_type, tensor_to_image, write_image
-from ..pipeline import PreparedAtlases, SegmentationResult, prepare
+from ..model_io import LoadedModel, check_compatible, load_model
+from ..pipeline import PreparedAtlases, SegmentationResult, prepare, write_run_record
 from ..progress import Progress
-from .model_io import LoadedModel, check_compatible, load_model
 from .networks import coordinate_maps
 
 
@@ -46,7 +46,7 @@ def predict(model: torch.nn.Module, target: torch.Tensor, atlas_images: torch.Te
             atlas_label_index: torch.Tensor | None, roi_size: Sequence[int], overlap: float = 0.5,
             with_weights: bool = False, device: str | torch.device = "auto", sw_batch_size: int = 1,
             crop: bool = True) -> DLFPrediction:
-    """Sliding-window DLF (or plain U-Net) over a whole target.
+    """Sliding-window DLF over a whole target.
 
     Args:
         target: (C, Z, Y, X) normalised; atlas_images (N, C, Z, Y, X); atlas_label_index (N, Z, Y, X) indices
@@ -62,7 +62,7 @@ def predict(model: torch.nn.Module, target: torch.Tensor, atlas_images: torch.Te
     model = model.to(dev).eval()
     c = target.shape[0]
     spatial = tuple(target.shape[1:])
-    n = 0 if config.kind == "unet" else atlas_images.shape[0]
+    n = atlas_images.shape[0]
     parts = [target.float(), coordinate_maps(spatial)]
     if n:
         parts += [atlas_images.reshape(n * c, *spatial).float(), atlas_label_index.float()]
@@ -95,48 +95,8 @@ def predict(model: torch.nn.Module, target: torch.Tensor, atlas_images: torch.Te
     weights = out.get("weights")
     if weights is not None:
         weights = weights[0].reshape(n, config.n_labels, *spatial)
-    maps = {k: _uncrop(out[k][0], region, spatial) for k in ("probabilities", "initial", "votes") if k in out}
+    maps = {k: uncrop(out[k][0], region, spatial) for k in ("probabilities", "initial", "votes") if k in out}
     return DLFPrediction(maps["probabilities"], maps["initial"], maps.get("votes"), weights, seconds)
-
-
-def prediction_region(target: torch.Tensor, atlas_label_index: torch.Tensor | None, roi_size: Sequence[int],
-                      margin: int | None = None) -> tuple[slice, slice, slice]:
-    """The box of the target where a prediction can differ from background, enlarged by ``margin`` voxels of
-    context (default: a quarter of the window) and to at least one window where the volume allows.
-
-    With atlas labels (a DLF with atlas-union masking): the box around every atlas's foreground, outside which
-    the mask sets every foreground label to zero. Without: the box around the voxels where any target channel
-    differs from its minimum (skull-stripped or masked images have a constant background). A volume with
-    content everywhere gives the whole volume.
-    """
-    if atlas_label_index is not None:
-        content = (atlas_label_index > 0).any(0)
-    else:
-        floor = target.flatten(1).amin(1).view(-1, 1, 1, 1)
-        content = (target != floor).any(0)
-    if not bool(content.any()):
-        return (slice(None),) * 3
-    margin = max(int(r) for r in roi_size) // 4 if margin is None else margin
-    box = []
-    for axis, (size, roi) in enumerate(zip(content.shape, roi_size)):
-        hits = torch.nonzero(content.any(dim=[d for d in range(3) if d != axis])).flatten()
-        lo, hi = max(0, int(hits[0]) - margin), min(size, int(hits[-1]) + 1 + margin)
-        short = min(int(roi), size) - (hi - lo)
-        if short > 0:  # grow to a whole window: no padding inside the volume
-            lo = max(0, min(lo - short // 2, size - int(roi)))
-            hi = min(size, lo + int(roi))
-        box.append(slice(lo, hi))
-    return tuple(box)
-
-
-def _uncrop(values: torch.Tensor, region: tuple[slice, ...], spatial: Sequence[int]) -> torch.Tensor:
-    """(L, ...) maps of the region back on the whole grid; outside it, all background (label index 0)."""
-    if all(r == slice(None) for r in region):
-        return values
-    full = torch.zeros((values.shape[0], *spatial), dtype=values.dtype)
-    full[0] = 1.0
-    full[(slice(None),) + tuple(region)] = values
-    return full
 
 
 @dataclass
@@ -179,9 +139,8 @@ class DLFSegmentationResult(SegmentationResult):
                 safe = "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in name)
                 image = tensor_to_image(self.fusion.posteriors[i].float(), self.geometry)
                 written[f"probability_{v}"] = str(write_image(image, out / "maps" / f"probability_{v}_{safe}.nii.gz"))
-        run = json.loads((out / "run.json").read_text())
-        run.update(files=written, model=self.model_folder)
-        (out / "run.json").write_text(json.dumps(run, indent=2, default=str))
+        write_run_record(out, {"method": "dlf", "model": self.model_folder, "atlases": self.atlas_ids,
+                               "labels": self.label_names, "timings_s": self.timings, "files": written})
         return written
 
 
@@ -207,7 +166,7 @@ def segment_dlf(target: Sequence[sitk.Image], atlas_set: AtlasSet, model: str | 
     ``n_atlases`` defaults to the number the model was trained with; ``backend`` / ``preset`` default to the
     registration settings it was trained with. ``maps`` keeps the per-atlas weight maps (N x L volumes).
     """
-    loaded = model if isinstance(model, LoadedModel) else load_model(model, "cpu")
+    loaded = model if isinstance(model, LoadedModel) else load_model(model, "cpu", method="dlf")
     check_compatible(loaded, atlas_set, len(target))
     reg = loaded.config.get("registration", {})
     progress = Progress([("load", 0.05), ("registration", 0.7), ("warp", 0.05), ("fusion", 0.2)],

@@ -22,8 +22,9 @@ from dataclasses import asdict, dataclass, field, fields
 
 import torch
 import torch.nn.functional as F
-from monai.networks.nets import DynUNet
 from torch import nn
+
+from ..networks import BackboneSpec, as_heads, build_backbone
 
 LOG_EPS = 1e-4           # floor of the initial probabilities before the log (keeps residual logits finite)
 MASKED_LOGIT = -30.0     # logit of a label outside its atlas-union mask (softmax probability < 1e-13)
@@ -31,13 +32,16 @@ MASKED_LOGIT = -30.0     # logit of a label outside its atlas-union mask (softma
 
 @dataclass
 class DLFConfig:
-    """Architecture of a DLF model (or of the plain U-Net baseline, ``kind="unet"``); stored in ``config.json``.
+    """Architecture of a DLF model; stored in ``config.json``.
 
-    ``vote_channels`` / ``finetune_channels`` give the U-Net levels (one entry per level); ``norm`` is
-    ``"instance"`` or ``"batch"`` (the reference code uses batch normalisation with one target patch x N atlases
-    per batch; instance normalisation behaves the same in training and inference and is the default here).
-    ``deep_supervision_weights`` weigh the fine-tuning subnet's outputs from full resolution down (DynUNet gives
-    one head per upsampling level below the top, so a 4-level net has 3 heads).
+    ``vote_channels`` / ``finetune_channels`` give the levels of the default subnets (the project U-Net of
+    :mod:`atlasseg.networks`, one entry per level); ``norm`` is ``"instance"`` or ``"batch"`` (the reference code
+    uses batch normalisation with one target patch x N atlases per batch; instance normalisation behaves the same
+    in training and inference and is the default here). ``vote_backbone`` / ``finetune_backbone``: any backbone of
+    the library instead (a :class:`~atlasseg.networks.BackboneSpec` dict: name, preset, kwargs); None keeps the
+    default U-Net with the channels above. ``deep_supervision_weights`` weigh the fine-tuning subnet's outputs
+    from full resolution down (the U-Net gives one head per upsampling level below the top, so a 4-level net has
+    3 heads; backbones without deep supervision use the first weight only).
     """
 
     n_labels: int
@@ -50,7 +54,8 @@ class DLFConfig:
     use_mask: bool = True
     mask_threshold: float = 0.2
     deep_supervision_weights: tuple[float, ...] = (1.0, 0.5, 0.2)
-    kind: str = "dlf"
+    vote_backbone: dict | None = None
+    finetune_backbone: dict | None = None
 
     def __post_init__(self):
         self.vote_channels = tuple(int(c) for c in self.vote_channels)
@@ -64,28 +69,55 @@ class DLFConfig:
             raise ValueError("each U-Net needs at least 3 levels (MONAI DynUNet)")
         if self.norm not in ("instance", "batch"):
             raise ValueError(f"norm must be 'instance' or 'batch', got {self.norm!r}")
-        if self.kind not in ("dlf", "unet"):
-            raise ValueError(f"kind must be 'dlf' or 'unet', got {self.kind!r}")
+        for spec in (self.vote_backbone, self.finetune_backbone):
+            if spec is not None:
+                BackboneSpec.from_dict(spec)     # unknown names and presets fail here, not mid-training
+
+    def vote_spec(self) -> BackboneSpec:
+        if self.vote_backbone is not None:
+            return BackboneSpec.from_dict(self.vote_backbone)
+        return BackboneSpec("unet", None, {"channels": list(self.vote_channels), "norm": self.norm})
+
+    def finetune_spec(self) -> BackboneSpec:
+        if self.finetune_backbone is not None:
+            return BackboneSpec.from_dict(self.finetune_backbone)
+        return BackboneSpec("unet", None, {"channels": list(self.finetune_channels), "norm": self.norm})
 
     @property
     def divisor(self) -> int:
-        """Patch sizes must be multiples of this (the deepest U-Net's total downsampling)."""
-        levels = len(self.finetune_channels) if (self.use_finetune or self.kind == "unet") else 1
-        if self.kind == "dlf" and self.use_weighted_voting:
+        """Patch sizes should be multiples of this (the default U-Nets' total downsampling; other sizes are
+        padded)."""
+        levels = len(self.finetune_channels) if self.use_finetune else 1
+        if self.use_weighted_voting:
             levels = max(levels, len(self.vote_channels))
         return 2 ** (levels - 1)
 
     def to_dict(self) -> dict:
         d = asdict(self)
+        for key in ("vote_backbone", "finetune_backbone"):   # absent = the default U-Net (older configs too)
+            if d[key] is None:
+                del d[key]
         return {k: list(v) if isinstance(v, tuple) else v for k, v in d.items()}
 
     @classmethod
     def from_dict(cls, d: dict) -> DLFConfig:
+        d = dict(d)
+        kind = d.pop("kind", "dlf")     # model folders of format 1 recorded the method as "kind"
+        if kind != "dlf":
+            raise ValueError(f"kind {kind!r} is not a Deep Label Fusion architecture")
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(d) - known)
         if unknown:
             raise ValueError(f"unknown architecture keys {unknown}")
         return cls(**d)
+
+
+def deep_supervision_heads(spec: BackboneSpec, weights: tuple[float, ...]) -> int:
+    """Extra heads a backbone gives for ``weights`` (U-Net: one per upsampling level below the top)."""
+    if spec.name != "unet":
+        return 0
+    levels = len(spec.resolved_kwargs().get("channels", (16, 32, 64, 128)))
+    return max(min(len(weights), levels - 1) - 1, 0)
 
 
 def coordinate_maps(shape: tuple[int, int, int], device: torch.device | str = "cpu") -> torch.Tensor:
@@ -96,20 +128,17 @@ def coordinate_maps(shape: tuple[int, int, int], device: torch.device | str = "c
     return torch.stack([x, y, z])
 
 
-def _unet(in_channels: int, out_channels: int, channels: tuple[int, ...], norm: str,
-          deep_supervision_weights: tuple[float, ...] = (), zero_output: bool = True) -> DynUNet:
-    """MONAI DynUNet: two 3x3x3 conv + norm + leaky ReLU per block, stride-2 down, transposed-conv up; output
-    layers start at zero (uniform voting weights, zero correction: an untrained DLF is majority voting)."""
-    levels = len(channels)
-    heads = min(len(deep_supervision_weights), levels - 1) - 1
-    net = DynUNet(spatial_dims=3, in_channels=in_channels, out_channels=out_channels,
-                   kernel_size=[3] * levels, strides=[1] + [2] * (levels - 1), upsample_kernel_size=[2] * (levels - 1),
-                   filters=list(channels), norm_name=(norm, {"affine": True}), deep_supervision=heads > 0,
-                   deep_supr_num=max(heads, 1))
-    heads_blocks = [net.output_block, *getattr(net, "deep_supervision_heads", [])] if zero_output else []
-    for block in heads_blocks:
-        nn.init.zeros_(block.conv.conv.weight)
-        nn.init.zeros_(block.conv.conv.bias)
+def subnet(spec: BackboneSpec, in_channels: int, out_channels: int, deep_supervision: int = 0,
+           zero_output: bool = True) -> nn.Module:
+    """A backbone of the library; with ``zero_output`` its output layers start at zero (uniform voting
+    weights, zero correction: an untrained DLF with the default U-Nets is majority voting)."""
+    overrides = {"deep_supervision": deep_supervision} if deep_supervision else {}
+    net = build_backbone(spec, in_channels, out_channels, **overrides)
+    if zero_output:
+        for layer in net.output_layers():
+            nn.init.zeros_(layer.weight)
+            if layer.bias is not None:
+                nn.init.zeros_(layer.bias)
     return net
 
 
@@ -154,14 +183,13 @@ class DeepLabelFusion(nn.Module):
 
     def __init__(self, config: DLFConfig):
         super().__init__()
-        if config.kind != "dlf":
-            raise ValueError("DeepLabelFusion needs a config with kind='dlf'")
         self.config = config
         c, n_labels = config.n_modalities, config.n_labels
-        self.vote_net = _unet(2 * c + 3, n_labels, config.vote_channels, config.norm) \
-            if config.use_weighted_voting else None
-        self.finetune_net = _unet(n_labels + 3, n_labels, config.finetune_channels, config.norm,
-                                  config.deep_supervision_weights) if config.use_finetune else None
+        self.vote_net = subnet(config.vote_spec(), 2 * c + 3, n_labels) if config.use_weighted_voting else None
+        finetune = config.finetune_spec()
+        self.finetune_net = subnet(finetune, n_labels + 3, n_labels,
+                                   deep_supervision_heads(finetune, config.deep_supervision_weights)) \
+            if config.use_finetune else None
 
     def voting_weights(self, target: torch.Tensor, atlas_images: torch.Tensor, coords: torch.Tensor) -> torch.Tensor:
         """(B, N, L, Z, Y, X) non-negative weights (sigmoid); all ones with the voting subnet off."""
@@ -186,8 +214,7 @@ class DeepLabelFusion(nn.Module):
         base = torch.log(initial.clamp_min(LOG_EPS))
         heads = [base]
         if self.finetune_net is not None:
-            out = self.finetune_net(torch.cat([initial, coords], 1))
-            corrections = list(out.unbind(1)) if out.dim() == 6 else [out]
+            corrections = as_heads(self.finetune_net(torch.cat([initial, coords], 1)))
             heads = [base + c for c in corrections]
         if self.config.use_mask:
             mask = atlas_union_mask(labels_1h, self.config.mask_threshold)
@@ -195,22 +222,6 @@ class DeepLabelFusion(nn.Module):
         return DLFOutput(heads[0], initial, votes, weights, heads[1:])
 
 
-class PlainUNet(nn.Module):
-    """Baseline: the fine-tuning subnet's architecture on the target image channels alone (no atlases)."""
-
-    def __init__(self, config: DLFConfig):
-        super().__init__()
-        self.config = config
-        self.net = _unet(config.n_modalities, config.n_labels, config.finetune_channels, config.norm,
-                         config.deep_supervision_weights, zero_output=False)
-
-    def forward(self, target: torch.Tensor, atlas_images: torch.Tensor | None = None,
-                atlas_labels: torch.Tensor | None = None, coords: torch.Tensor | None = None) -> DLFOutput:
-        out = self.net(target)
-        heads = list(out.unbind(1)) if out.dim() == 6 else [out]
-        return DLFOutput(heads[0], torch.softmax(heads[0], 1), None, None, heads[1:])
-
-
-def build_model(config: DLFConfig) -> nn.Module:
+def build_model(config: DLFConfig) -> DeepLabelFusion:
     """The network a config describes."""
-    return DeepLabelFusion(config) if config.kind == "dlf" else PlainUNet(config)
+    return DeepLabelFusion(config)

@@ -14,9 +14,6 @@ from __future__ import annotations
 
 import datetime
 import json
-import os
-import shlex
-import sys
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -25,16 +22,20 @@ import numpy as np
 import torch
 
 from ..atlas import AtlasSet, AtlasSetError, load_atlas_set
-from ..benchmark import PeakMemory, git_commit, machine_description, update_markdown
+from ..cache import RegistrationCache
 from ..device import resolve_device
+from ..dlf.inference import predict
+from ..dlf.networks import DLFConfig, build_model
+from ..dlf.train import train
 from ..fusion import fuse, oracle_coverage
 from ..io import Geometry, label_pixel_type, tensor_to_image
 from ..metrics import nan_mean, segmentation_metrics
-from .data import AugmentConfig, RegistrationCache
-from .inference import predict
-from .model_io import load_model
-from .networks import DLFConfig, build_model
-from .train import TrainConfig, train
+from ..model_io import load_model
+from ..segmenter import SegmenterConfig, train_segmenter
+from ..segmenter import predict as predict_segmenter
+from ..training import AugmentConfig, TrainConfig
+from .protocols import fetal_groups, hippocampus_split, require_data, shared_data
+from .report import command_line, format_difference, git_commit, machine_description, update_markdown
 
 VARIANTS = {"dlf": "DLF", "dlf_no_finetune": "DLF without fine-tuning subnet",
             "dlf_no_weighted_voting": "DLF without weighted voting", "unet": "plain 3D U-Net (same budget)"}
@@ -89,18 +90,12 @@ def benchmark_configuration(suite: str, n_labels: int, n_modalities: int, reduce
     return arch, cfg
 
 
-def _shared_data(name: str) -> Path:
-    return Path(__file__).resolve().parents[2].parent / "shared" / "data" / name
-
-
 def hippocampus_protocol(data: Path, reduced: bool, epochs: int | None, n_train: int | None,
                          n_test: int | None) -> Protocol:
     atlas_set = load_atlas_set(data)
-    ids = sorted(atlas_set.case_ids)
-    test = [c for k, c in enumerate(ids) if k % 5 == 0]
-    pool = [c for k, c in enumerate(ids) if k % 5 != 0]
-    fixed = sorted(str(x) for x in np.random.default_rng(0).choice(pool, 10, replace=False))  # as the classic one
-    train_ids = pool[:n_train] if n_train else pool
+    split = hippocampus_split(atlas_set.case_ids)
+    test, fixed = split.test, split.atlases
+    train_ids = split.pool[:n_train] if n_train else split.pool
     arch, cfg = benchmark_configuration("hippocampus", len(atlas_set.labels), len(atlas_set.modalities), reduced,
                                         epochs)
     return Protocol("dlf-hippocampus", atlas_set, train_ids, atlas_set, test[:n_test] if n_test else test, fixed,
@@ -118,10 +113,7 @@ def generalisation_protocol(name: str, train_set: AtlasSet, train_ids: list[str]
 
 def fetal_protocol(data: Path, reduced: bool, epochs: int | None, n_test: int | None) -> Protocol:
     atlas_set = load_atlas_set(data)
-    operated = [c for c in atlas_set.case_ids if c.endswith("_operated")]
-    not_operated = [c for c in atlas_set.case_ids if c.endswith("_notoperated")]
-    if not operated or not not_operated:
-        raise AtlasSetError(f"{data}: expected *_operated and *_notoperated cases (fetal-sb)")
+    operated, not_operated = fetal_groups(atlas_set)
     return generalisation_protocol("dlf-fetal-sb", atlas_set, operated, atlas_set, not_operated, reduced, epochs,
                                    n_test)
 
@@ -138,10 +130,12 @@ def _combined(a: AtlasSet, b: AtlasSet) -> AtlasSet:
     return AtlasSet(f"{a.name}+{b.name}", a.cases + b.cases, dict(a.labels), dict(a.modalities), None)
 
 
-def _variant_architecture(arch: DLFConfig, variant: str) -> DLFConfig:
+def _variant_architecture(arch: DLFConfig, variant: str) -> DLFConfig | SegmenterConfig:
+    """A variant's architecture; the plain U-Net is the segmenter with the fine-tuning subnet's U-Net."""
+    if variant == "unet":
+        return SegmenterConfig.plain_unet(arch.finetune_channels, arch.n_labels, arch.n_modalities, arch.norm)
     return {"dlf": arch, "dlf_no_finetune": replace(arch, use_finetune=False),
-            "dlf_no_weighted_voting": replace(arch, use_weighted_voting=False),
-            "unet": replace(arch, kind="unet")}[variant]
+            "dlf_no_weighted_voting": replace(arch, use_weighted_voting=False)}[variant]
 
 
 def train_variants(protocol: Protocol, work: Path, device: str, ablations: str, log=print) -> dict:
@@ -154,12 +148,15 @@ def train_variants(protocol: Protocol, work: Path, device: str, ablations: str, 
         resume = (folder / "checkpoint.pt").is_file()
         log(f"training {VARIANTS[variant]} -> {folder}" + (" (resuming)" if resume else ""))
         t0 = time.perf_counter()
-        with PeakMemory() as mem:
+        if variant == "unet":
+            result = train_segmenter(protocol.train_set, folder, arch, protocol.training, device, resume,
+                                     protocol.train_ids, log, show_progress=False)
+        else:
             result = train(protocol.train_set, folder, arch, protocol.training, work / "cache", device,
                            resume=resume, train_ids=protocol.train_ids, log=log, show_progress=False)
         loaded = load_model(folder, resolve_device(device))
         models[variant] = (loaded.model, {"train_s": result.seconds, "wall_s": time.perf_counter() - t0,
-                                          "peak_gib": mem.gib, "best_val_dice": result.best_val_dice,
+                                          "peak_gib": result.peak_rss_gib, "best_val_dice": result.best_val_dice,
                                           "epochs": len(result.history), "reused": result.epochs_run == 0})
     if ablations == "switch-off":
         full, info = models["dlf"]
@@ -190,17 +187,21 @@ def evaluate(protocol: Protocol, models: dict, work: Path, device: str, log=prin
         values = lab_t[case.atlas_labels]
         _, coverage = oracle_coverage(values, lab_t[case.label], labels, 0.1)
         row = {"target": target_id, "oracle10": coverage.get("foreground", float("nan")), "methods": {},
-               "registration_s": sum(cache.manifest["pairs"][f"{target_id}|{a}"]["registration_s"]
+               "registration_s": sum(cache.registration_seconds(target_id, a)
                                      for a in protocol.atlas_ids)}
         for variant, (model, _) in models.items():
-            pred = predict(model, case.target, case.atlas_images, case.atlas_labels, reg.patch_size, reg.overlap,
-                           device=device)
-            row["methods"][variant] = _score(lab_t[pred.segmentation_index], reference, geometry, names,
-                                             pred.seconds)
+            if variant == "unet":
+                probabilities, seconds = predict_segmenter(model, case.target, reg.patch_size, reg.overlap, device)
+                index = probabilities.argmax(0)
+            else:
+                pred = predict(model, case.target, case.atlas_images, case.atlas_labels, reg.patch_size,
+                               reg.overlap, device=device)
+                index, seconds = pred.segmentation_index, pred.seconds
+            row["methods"][variant] = score(lab_t[index], reference, geometry, names, seconds)
         for method in CLASSIC:
             start = time.perf_counter()
             fused = fuse(method, case.target, case.atlas_images, values, labels)
-            row["methods"][method] = _score(fused.segmentation, reference, geometry, names,
+            row["methods"][method] = score(fused.segmentation, reference, geometry, names,
                                             time.perf_counter() - start)
         rows.append(row)
         dice = {m: round(float(np.mean(list(r["dice"].values()))), 3) for m, r in row["methods"].items()}
@@ -208,7 +209,7 @@ def evaluate(protocol: Protocol, models: dict, work: Path, device: str, log=prin
     return rows
 
 
-def _score(segmentation: torch.Tensor, reference, geometry: Geometry, names: dict, seconds: float) -> dict:
+def score(segmentation: torch.Tensor, reference, geometry: Geometry, names: dict, seconds: float) -> dict:
     image = tensor_to_image(segmentation.to(torch.int32), geometry, label_pixel_type(int(segmentation.max())))
     m = segmentation_metrics(image, reference, names)
     return {"dice": {v: m["labels"][v]["dice"] for v in names}, "hd95": {v: m["labels"][v]["hd95"] for v in names},
@@ -250,12 +251,11 @@ def markdown(protocol: Protocol, rows: list[dict], models: dict, command: str, w
                      f"| {info['best_val_dice']:.4f} |")
     dlf, jlf, unet = summary["dlf"], summary["jlf"], summary["unet"]
     lines += ["", "Per test target, DLF - JLF and DLF - plain U-Net (mean Dice over labels):"]
+    dlf_mean = [np.mean(list(r["methods"]["dlf"]["dice"].values())) for r in rows]
     for other in ("jlf", "unet"):
-        diffs = [np.mean(list(r["methods"]["dlf"]["dice"].values())) - np.mean(list(r["methods"][other]["dice"]
-                                                                                     .values())) for r in rows]
-        se = np.std(diffs, ddof=1) / np.sqrt(len(diffs)) if len(diffs) > 1 else float("nan")
-        lines.append(f"- DLF - {VARIANTS.get(other) or CLASSIC[other]}: {np.mean(diffs):+.4f} +- {se:.4f} (SE); "
-                     f"DLF better on {sum(d > 0 for d in diffs)} of {len(diffs)} targets")
+        other_mean = [np.mean(list(r["methods"][other]["dice"].values())) for r in rows]
+        lines.append("- " + format_difference(dlf_mean, other_mean, f"DLF - {VARIANTS.get(other) or CLASSIC[other]}")
+                     .replace("; better on", "; DLF better on"))
     if protocol.name != "dlf-hippocampus":
         return "\n".join(lines) + "\n"
     lines += ["", "Targets of issue #3:",
@@ -269,28 +269,14 @@ def markdown(protocol: Protocol, rows: list[dict], models: dict, command: str, w
     return "\n".join(lines) + "\n"
 
 
-def _repository_commit() -> str:
-    """The commit of this checkout, wherever the command runs from."""
-    cwd = Path.cwd()
-    try:
-        os.chdir(Path(__file__).resolve().parents[2])
-        return git_commit()
-    finally:
-        os.chdir(cwd)
-
-
 def run_dlf_benchmark(args) -> dict:
     """Entry point of ``atlasseg benchmark dlf-*``."""
     suite = args.suite
     if suite == "dlf-hippocampus":
-        data = Path(args.data) if args.data else _shared_data("hippocampus")
-        if not (data / "dataset.json").is_file():
-            raise FileNotFoundError(f"{data}: benchmark data not found (expected ../shared/data/hippocampus)")
+        data = require_data(Path(args.data) if args.data else shared_data("hippocampus"), "hippocampus")
         protocol = hippocampus_protocol(data, args.reduced, args.epochs, args.train_targets, args.targets)
     elif suite == "dlf-fetal-sb":
-        data = Path(args.data) if args.data else _shared_data("fetal-sb")
-        if not (data / "dataset.json").is_file():
-            raise FileNotFoundError(f"{data}: benchmark data not found (expected ../shared/data/fetal-sb)")
+        data = require_data(Path(args.data) if args.data else shared_data("fetal-sb"), "fetal-sb")
         protocol = fetal_protocol(data, args.reduced, args.epochs, args.targets)
     else:
         if not args.train_data or not args.test_data:
@@ -301,9 +287,8 @@ def run_dlf_benchmark(args) -> dict:
     work = Path(args.work) if args.work else Path.cwd().parent / "dlf_benchmark_work" / suite
     work = work / ("reduced" if args.reduced else "full")
     device = str(resolve_device(args.device))
-    command = "atlasseg " + " ".join(shlex.quote(a) for a in sys.argv[1:]) if sys.argv[0].endswith(
-        ("atlasseg", "__main__.py")) else f"atlasseg benchmark {suite}"
-    commit = _repository_commit()
+    command = command_line(f"atlasseg benchmark {suite}")
+    commit = git_commit()
     t0 = time.perf_counter()
     _combined(protocol.train_set, protocol.test_set)  # labels and modalities must agree before training
     models = train_variants(protocol, work, device, args.ablations)

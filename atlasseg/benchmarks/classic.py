@@ -10,81 +10,22 @@ from __future__ import annotations
 
 import datetime
 import json
-import os
-import platform
-import re
-import shlex
-import subprocess
-import sys
-import threading
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from .atlas import load_atlas_set
-from .fusion import METHODS, oracle_coverage
-from .io import atomic_write_bytes, image_to_tensor
-from .metrics import nan_mean, segmentation_metrics
-from .pipeline import fuse_prepared, prepare
+from ..atlas import load_atlas_set
+from ..fusion import METHODS, oracle_coverage
+from ..io import atomic_write_bytes, image_to_tensor
+from ..metrics import nan_mean, segmentation_metrics
+from ..pipeline import fuse_prepared, prepare
+from .protocols import hippocampus_split, leave_one_out_atlases, require_data, shared_data
+from .report import PeakMemory, command_line, git_commit, machine_description, update_markdown
 
 METHOD_NAMES = {"majority": "majority voting", "weighted": "local weighted voting", "jlf": "joint label fusion",
                 "staple": "STAPLE", "ants_jlf": "antspyx joint_label_fusion"}
-
-
-def _rss_bytes() -> int:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-
-
-class PeakMemory:
-    """Peak resident memory of this process during a block (sampled every 5 ms)."""
-
-    def __enter__(self):
-        self.peak = _rss_bytes()
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-        self._thread.start()
-        return self
-
-    def _run(self):
-        while not self._stop.wait(0.005):
-            self.peak = max(self.peak, _rss_bytes())
-
-    def __exit__(self, *exc):
-        self._stop.set()
-        self._thread.join()
-        self.peak = max(self.peak, _rss_bytes())
-
-    @property
-    def gib(self) -> float:
-        return self.peak / 2 ** 30
-
-
-def machine_description() -> str:
-    cpu = platform.processor() or "cpu"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2 ** 30
-    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
-    return f"{cpu}, {os.cpu_count()} cores, {mem:.0f} GiB RAM, {gpu}; torch {torch.__version__}"
-
-
-def git_commit() -> str:
-    try:
-        sha = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                             check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True,
-                               text=True).stdout.strip()
-        return sha + (" (with uncommitted changes)" if dirty else "")
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
 
 
 def _ants_jlf(prepared, labels: list[int]) -> tuple[np.ndarray, float]:
@@ -159,14 +100,12 @@ def run_suite(data: Path, suite: str, n_targets: int | None, backends: list[str]
     names = {v: n for v, n in atlas_set.labels.items() if v != 0}
     labels = atlas_set.label_values
     if suite == "hippocampus":
-        targets = [c for k, c in enumerate(ids) if k % 5 == 0]
-        pool = [c for k, c in enumerate(ids) if k % 5 != 0]
-        fixed = sorted(str(x) for x in np.random.default_rng(0).choice(pool, 10, replace=False))
-        atlas_for = {t: fixed for t in targets}
+        split = hippocampus_split(ids)
+        targets = split.test
+        atlas_for = {t: split.atlases for t in targets}
     else:
         targets = ids
-        atlas_for = {t: sorted(str(x) for x in np.random.default_rng(0).choice([i for i in ids if i != t], 10,
-                                                                               replace=False)) for t in ids}
+        atlas_for = leave_one_out_atlases(ids)
     targets = targets[:n_targets] if n_targets else targets
     cache = {}
 
@@ -300,23 +239,11 @@ def _ratios(summary: dict, names: dict) -> list[str]:
     return out
 
 
-def update_markdown(path: Path, key: str, title: str, body: str) -> None:
-    """Replace (or append) the section between ``<!-- key:start -->`` and ``<!-- key:end -->``."""
-    text = path.read_text() if path.is_file() else "# Benchmarks\n"
-    block = f"<!-- {key}:start -->\n## {title}\n\n{body}<!-- {key}:end -->"
-    pattern = re.compile(rf"<!-- {key}:start -->.*?<!-- {key}:end -->", re.S)
-    text = pattern.sub(lambda _: block, text) if pattern.search(text) else text.rstrip() + "\n\n" + block + "\n"
-    path.write_text(text)
-
-
 def run_benchmark(args) -> dict:
-    default = Path(__file__).resolve().parents[1].parent / "shared" / "data" / args.suite.replace("fetal", "fetal-sb")
-    data = Path(args.data) if args.data else default
-    if not (data / "dataset.json").is_file():
-        raise FileNotFoundError(f"{data}: benchmark data not found (expected ../shared/data/{args.suite})")
+    name = args.suite.replace("fetal", "fetal-sb")
+    data = require_data(Path(args.data) if args.data else shared_data(name), name)
     backends = ["torch"] + ([] if args.no_greedy else ["greedy"])
-    command = "atlasseg " + " ".join(shlex.quote(a) for a in sys.argv[1:]) if sys.argv[0].endswith(
-        ("atlasseg", "__main__.py")) else "atlasseg benchmark " + args.suite
+    command = command_line("atlasseg benchmark " + args.suite)
     commit = git_commit()  # the code measured: taken before the run, not after
     work = Path(args.work) if args.work else Path.cwd().parent / "benchmark_work"
     checkpoint = None if args.no_resume else work / f"{args.suite}-rows.json"

@@ -1,0 +1,3 @@
+"""Benchmarks (separate commands, not tests; results into BENCHMARKS.md): protocols written once
+(:mod:`.protocols`), one report writer (:mod:`.report`), a runner per method family: :mod:`.classic`
+(registration + label fusion), :mod:`.dlf` (Deep Label Fusion), :mod:`.backbones` (segmentation backbones)."""

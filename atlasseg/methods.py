@@ -1,0 +1,94 @@
+"""The method registry: every segmentation method the engine offers, found by name.
+
+The CLI, the Slicer modules and the benchmarks read their method, backend and preset lists from here. This
+module imports nothing heavy (no torch), so a GUI or ``--help`` can read it at once; a method's code is imported
+when it is used (:func:`implementation`, :func:`config_classes`).
+
+A trainable method names an architecture dataclass (fields ``n_labels`` / ``n_modalities`` come from the atlas
+set) and a training dataclass; its implementation module provides ``train_method(atlas_set, output,
+architecture, training, ...)`` and ``segment_method(target, atlas_set, model, ...)``. A new method is one entry
+here plus one module.
+"""
+
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass
+
+BACKENDS = ("torch", "greedy")
+REGISTRATION_PRESETS = ("fast", "default", "accurate", "affine")
+DATA_FIELDS = ("n_labels", "n_modalities")   # architecture fields taken from the atlas set, never from flags
+
+
+@dataclass(frozen=True)
+class MethodInfo:
+    """One method. ``architecture`` / ``training`` / ``module``: ``"package.module:Name"`` or module paths."""
+
+    name: str
+    label: str                       # shown to users (Slicer panel, tables)
+    description: str
+    trains: bool
+    uses_atlases: bool
+    architecture: str | None = None  # config dataclass of the network(s)
+    training: str | None = None      # config dataclass of the training run
+    module: str | None = None        # implementation (train_method / segment_method)
+
+    @property
+    def needs_model(self) -> bool:
+        return self.trains
+
+
+_FUSION = "atlasseg.fusion"
+METHODS: dict[str, MethodInfo] = {m.name: m for m in (
+    MethodInfo("majority", "Majority voting", "one vote per registered atlas", False, True),
+    MethodInfo("weighted", "Local weighted voting", "votes weighted by local image similarity", False, True),
+    MethodInfo("jlf", "Joint label fusion", "joint label fusion (Wang & Yushkevich 2013)", False, True),
+    MethodInfo("staple", "STAPLE", "multi-label STAPLE (Warfield et al. 2004)", False, True),
+    MethodInfo("dlf", "Deep Label Fusion", "Deep Label Fusion (Xie et al. 2023): learned weighted voting and "
+               "fine-tuning of registered atlases", True, True, "atlasseg.dlf.networks:DLFConfig",
+               "atlasseg.training:TrainConfig", "atlasseg.dlf.method"),
+    MethodInfo("segmenter", "Segmentation network", "a network of the backbone library trained on the images "
+               "alone (no atlases at inference)", True, False, "atlasseg.segmenter:SegmenterConfig",
+               "atlasseg.training:TrainConfig", "atlasseg.segmenter"),
+)}
+
+ALIASES = {"unet": "segmenter"}     # model folders written before the registry called the plain U-Net "unet"
+
+
+def method_names(trains: bool | None = None) -> list[str]:
+    """Registered method names in registry order, optionally only those that train (or not)."""
+    return [n for n, m in METHODS.items() if trains is None or m.trains == trains]
+
+
+def fusion_method_names() -> list[str]:
+    """Methods that fuse registered atlases without a trained model."""
+    return [n for n, m in METHODS.items() if m.uses_atlases and not m.trains]
+
+
+def get_method(name: str) -> MethodInfo:
+    name = ALIASES.get(name, name)
+    if name not in METHODS:
+        raise ValueError(f"unknown method {name!r}: choose from {', '.join(METHODS)}")
+    return METHODS[name]
+
+
+def _resolve(path: str):
+    module, _, attr = path.partition(":")
+    mod = importlib.import_module(module)
+    return getattr(mod, attr) if attr else mod
+
+
+def config_classes(name: str) -> tuple[type, type]:
+    """(architecture dataclass, training dataclass) of a trainable method."""
+    method = get_method(name)
+    if not method.trains:
+        raise ValueError(f"method {name!r} does not train")
+    return _resolve(method.architecture), _resolve(method.training)
+
+
+def implementation(name: str):
+    """The module implementing a trainable method (``train_method``, ``segment_method``)."""
+    method = get_method(name)
+    if method.module is None:
+        raise ValueError(f"method {name!r} has no trained model")
+    return _resolve(method.module)
