@@ -186,7 +186,7 @@ def test_cache_round_trips_both_directions_and_the_fields_exactly(phantom_set, t
         assert torch.equal(cached.forward.field, reg.forward.field)
         assert torch.equal(cached.inverse.field, reg.inverse.field)
         assert cached.forward.geometry == g_fixed and cached.inverse.geometry == g_moving
-    # a part asked for later is added (the pair is registered again, in the same batch: same result)
+    # a part asked for later is added from a new registration; the parts there stay as they were
     other = RegistrationCache(tmp_path / "cache2", phantom_set, "torch", "fast", "cpu")
     other.ensure({fixed_id: moving_ids})
     with pytest.raises(CacheError, match="no cached 'inverse' part"):
@@ -296,3 +296,25 @@ def test_train_and_segment_any_registered_method_end_to_end(phantom_set, tmp_pat
     assert main(["segment", "--method", "dlf", "--model", str(model), "--target", str(target), "--atlases",
                  str(phantom_set.root), "--output", str(tmp_path / "o2"), "--quiet"]) == 2
     assert "a 'segmenter' model, not a 'dlf' model" in capsys.readouterr().err
+
+
+def test_a_dlf_cache_of_format_1_is_read_and_extended(tmp_path):
+    """A registration cache written by DLF before this module (kept in Testing/data) loads as the 'warped' part,
+    equal to what this code computes for the same pairs, and takes new parts without changing the old ones."""
+    import shutil
+
+    atlas_set = load_atlas_set(make_phantom_atlas_set(tmp_path / "atlases", n_cases=3, seed=8, shape=(16, 16, 16),
+                                                      spacing=(2.0, 2.0, 2.0), deformation_mm=3.0))
+    shutil.copytree(DATA / "format1_cache", tmp_path / "old")
+    pairs = {"phantom_000": ["phantom_001", "phantom_002"]}
+    old = RegistrationCache(tmp_path / "old", atlas_set, "torch", "affine", "cpu")
+    assert old.ensure(pairs) == 0                               # everything is there already
+    fresh = RegistrationCache(tmp_path / "new", atlas_set, "torch", "affine", "cpu")
+    fresh.ensure(pairs)
+    a, b = old.load("phantom_000", pairs["phantom_000"]), fresh.load("phantom_000", pairs["phantom_000"])
+    assert torch.equal(a.target, b.target) and torch.equal(a.label, b.label)
+    assert torch.equal(a.atlas_images, b.atlas_images) and torch.equal(a.atlas_labels, b.atlas_labels)
+    assert old.ensure(pairs, parts=("fields",)) == 2
+    again = RegistrationCache(tmp_path / "old", atlas_set, "torch", "affine", "cpu")
+    assert torch.equal(again.load("phantom_000", pairs["phantom_000"]).atlas_images, a.atlas_images)
+    assert again.registration("phantom_000", "phantom_001").forward.field.shape == (3, 16, 16, 16)

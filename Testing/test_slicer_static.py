@@ -244,6 +244,6 @@ def test_module_method_backend_and_preset_lists_come_from_the_engine_registry():
     sys.path.insert(0, str(REPO / "DeepLabelFusion"))
     from DeepLabelFusionLib import BACKENDS, METHODS, PRESETS
 
-    expected = {name: m.label for name, m in methods.METHODS.items() if m.uses_atlases}
+    expected = {name: m.label for name, m in methods.METHODS.items() if m.slicer_module == "DeepLabelFusion"}
     assert METHODS == expected and list(METHODS) == ["majority", "weighted", "jlf", "staple", "dlf"]
     assert BACKENDS == methods.BACKENDS and PRESETS == methods.REGISTRATION_PRESETS

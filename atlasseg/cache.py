@@ -30,12 +30,21 @@ from safetensors.torch import load_file
 from .atlas import AtlasSet, LoadedCase
 from .device import resolve_device
 from .fusion import labels_to_index
-from .io import Geometry, atomic_save_tensors, atomic_write_bytes, image_to_tensor, labels_to_tensor, sha256
+from .io import (
+    Geometry,
+    atomic_save_tensors,
+    atomic_write_bytes,
+    image_to_tensor,
+    labels_to_tensor,
+    safe_name,
+    sha256,
+)
 from .registration import DisplacementField, Registration, normalized_tensor, register, warp_image, warp_labels
 from .training.data import CaseTensors
 
 MANIFEST = "manifest.json"
 CACHE_FORMAT = "atlasseg-registration-cache/2"
+LEGACY_FORMAT = "atlasseg-dlf-registration-cache/1"   # DLF's cache before this module: warped atlases only
 PARTS = ("warped", "inverse", "fields")
 
 
@@ -43,8 +52,7 @@ class CacheError(ValueError):
     """A broken or foreign registration cache; the message names the file."""
 
 
-def _safe(name: str) -> str:
-    return "".join(c if c.isalnum() or c in "-_." else "_" for c in str(name))
+_safe = safe_name
 
 
 def _index_dtype(n_labels: int) -> torch.dtype:
@@ -59,6 +67,18 @@ def _geometry_dict(g: Geometry) -> dict:
 def _geometry(d: dict) -> Geometry:
     return Geometry(tuple(int(s) for s in d["size"]), tuple(float(s) for s in d["spacing"]),
                     tuple(float(o) for o in d["origin"]), tuple(float(x) for x in d["direction"]))
+
+
+def _from_format_1(manifest: dict) -> dict:
+    """A DLF cache of format 1 in today's terms: its targets are cases, its pairs have the ``warped`` part (their
+    files name the tensors ``image`` / ``label``, read as ``warped_image`` / ``warped_label``)."""
+    pairs = {key: {**entry, "fixed": entry["target"], "moving": entry["atlas"], "parts": ["warped"]}
+             for key, entry in manifest.get("pairs", {}).items()}
+    return {**manifest, "format": CACHE_FORMAT, "settings": {}, "cases": manifest.get("targets", {}),
+            "pairs": pairs}
+
+
+_TENSOR_ALIASES = {"warped_image": "image", "warped_label": "label"}   # names inside format-1 pair files
 
 
 class RegistrationCache:
@@ -99,6 +119,8 @@ class RegistrationCache:
             manifest = json.loads(path.read_text())
         except (json.JSONDecodeError, UnicodeDecodeError) as err:
             raise CacheError(f"{path}: invalid JSON ({err}); delete the cache folder to rebuild it") from None
+        if manifest.get("format") == LEGACY_FORMAT:
+            manifest = _from_format_1(manifest)
         for key in ("format", "atlas_set", "backend", "preset", "settings", "labels", "modalities"):
             if manifest.get(key) != header[key]:
                 raise CacheError(f"{path}: cache built for {key}={manifest.get(key)!r}, this run needs "
@@ -121,9 +143,6 @@ class RegistrationCache:
         if case_id not in self._loaded:
             self._loaded[case_id] = self.atlas_set.load(case_id)
         return self._loaded[case_id]
-
-    def _index(self, label) -> torch.Tensor:
-        return labels_to_index(labels_to_tensor(label), self.labels).to(_index_dtype(len(self.labels)))
 
     def ensure(self, pairs: dict[str, Sequence[str]], progress: Callable[[float, str], None] | None = None,
                parts: Sequence[str] = ("warped",)) -> int:
@@ -158,30 +177,36 @@ class RegistrationCache:
         fixed_geometry = Geometry.of(fixed.images[0])
         fixed_image = normalized_tensor(fixed.images, dev)
         for moving, reg in zip(movings, regs):
-            tensors: dict[str, torch.Tensor] = {}
-            stored = sorted(set(parts) | set(self._existing_parts(fixed_id, moving.case_id)))
+            existing = self.manifest["pairs"].get(self._key(fixed_id, moving.case_id))
+            # parts already cached are kept as they are (a training may have used them); only new parts come from
+            # this registration
+            tensors = self._stored_tensors(existing)
+            new = sorted(set(parts) - set(existing["parts"] if existing else []))
+            stored = sorted(set(new) | set(existing["parts"] if existing else []))
             moving_geometry = Geometry.of(moving.images[0])
-            if "warped" in stored:
+            if "warped" in new:
                 tensors["warped_image"] = warp_image(normalized_tensor(moving.images, dev), moving_geometry,
                                                      reg.forward.to(dev)).float()
                 tensors["warped_label"] = self._warp_index(moving.label, moving_geometry, reg.forward.to(dev))
-            if "inverse" in stored:
+            if "inverse" in new:
                 tensors["inverse_image"] = warp_image(fixed_image, fixed_geometry, reg.inverse.to(dev)).float()
                 if fixed.label is not None:
                     tensors["inverse_label"] = self._warp_index(fixed.label, fixed_geometry, reg.inverse.to(dev))
-            if "fields" in stored:
+            if "fields" in new:
                 tensors["forward_field"] = reg.forward.field.float()
                 tensors["inverse_field"] = reg.inverse.field.float()
             rel = Path("pairs") / _safe(fixed_id) / f"{_safe(moving.case_id)}.safetensors"
             digest = atomic_save_tensors(tensors, self.folder / rel)
             self.manifest["pairs"][self._key(fixed_id, moving.case_id)] = {
                 "fixed": fixed_id, "moving": moving.case_id, "file": str(rel), "sha256": digest, "parts": stored,
-                "registration_s": reg.seconds, "fixed_geometry": _geometry_dict(fixed_geometry),
-                "moving_geometry": _geometry_dict(moving_geometry)}
+                "registration_s": existing["registration_s"] if existing else reg.seconds,
+                "fixed_geometry": _geometry_dict(fixed_geometry), "moving_geometry": _geometry_dict(moving_geometry)}
 
-    def _existing_parts(self, fixed_id: str, moving_id: str) -> list[str]:
-        entry = self.manifest["pairs"].get(self._key(fixed_id, moving_id))
-        return list(entry["parts"]) if entry else []
+    def _stored_tensors(self, entry: dict | None) -> dict[str, torch.Tensor]:
+        if entry is None:
+            return {}
+        return {next((new for new, old in _TENSOR_ALIASES.items() if old == k), k): v
+                for k, v in self._read(entry).items()}
 
     def _warp_index(self, label, geometry: Geometry, field: DisplacementField) -> torch.Tensor:
         warped = warp_labels(labels_to_tensor(label).to(field.field.device), geometry, field, self.labels)
@@ -232,8 +257,8 @@ class RegistrationCache:
         images, labels = [], []
         for m in moving_ids:
             _, p = self._pair(fixed_id, m, "warped")
-            images.append(p["warped_image"])
-            labels.append(p["warped_label"].long())
+            images.append(p.get("warped_image", p.get("image")))
+            labels.append(p.get("warped_label", p.get("label")).long())
         spatial, c = tuple(image.shape[1:]), image.shape[0]
         return CaseTensors(fixed_id, image, label, list(moving_ids),
                            torch.stack(images) if images else torch.zeros((0, c, *spatial)),

@@ -255,7 +255,8 @@ def _train(args) -> int:
             defaults.update({f.name: f.default_factory() for f in dataclasses.fields(architecture_cls)
                              if f.default_factory is not dataclasses.MISSING})
             arch = {**defaults, **arch}
-        print(json.dumps({"method": method, "architecture": arch, "training": to_dict(training)}, indent=2))
+        print(json.dumps({"method": method, "architecture": to_dict(arch), "training": to_dict(training)},
+                         indent=2))
         return 0
     if not args.atlases or not args.output:
         raise ValueError("training needs --atlases ATLAS_SET_FOLDER and --output MODEL_FOLDER")
@@ -299,11 +300,13 @@ def _train_method_in(argv: list[str]) -> str | None:
             value = arg.split("=", 1)[1]
             return value if value in method_names(trains=True) else None
     for k, arg in enumerate(argv):
-        if arg == "--config" and k + 1 < len(argv):
+        path = argv[k + 1] if arg == "--config" and k + 1 < len(argv) else \
+            arg.split("=", 1)[1] if arg.startswith("--config=") else None
+        if path is not None:
             try:
-                method = read_json_config(argv[k + 1]).get("method")
+                method = read_json_config(path).get("method")
             except (OSError, ValueError):
-                return None
+                return None     # the parse that follows reports the file's problem
             return method if method in method_names(trains=True) else None
     return None
 
@@ -313,6 +316,12 @@ def main(argv: list[str] | None = None) -> int:
     method = _train_method_in(argv)
     args = _parser(method).parse_args(argv)
     if args.command in ("train", "dlf-train"):
+        if method is None and args.config:
+            try:
+                read_json_config(args.config)
+            except (OSError, ValueError) as err:
+                print(f"atlasseg {args.command}: error: {err}", file=sys.stderr)
+                return 2
         if method is None:
             print("atlasseg train: error: --method is required (or a --config file naming it); choose from "
                   f"{', '.join(method_names(trains=True))}", file=sys.stderr)

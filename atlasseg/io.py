@@ -159,6 +159,11 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
     return atomic_write(write, path)
 
 
+def safe_name(name: str) -> str:
+    """A case id or label name as a file-name part (letters, digits, ``-_.``; anything else becomes ``_``)."""
+    return "".join(c if c.isalnum() or c in "-_." else "_" for c in str(name))
+
+
 def sha256(path: str | os.PathLike) -> str:
     """Hex sha256 of a file (manifests and model configs record it to detect damage)."""
     h = hashlib.sha256()

@@ -162,11 +162,6 @@ def make_loss(name: str, class_weights: torch.Tensor | None = None) -> nn.Module
     raise ValueError(f"loss must be one of {', '.join(LOSS_NAMES)}, got {name!r}")
 
 
-def loss_function(name: str) -> nn.Module:
-    """A loss that needs no statistics of the training labels (``gdl``, ``gdl_ce``, ``vnet_dice``)."""
-    return make_loss(name)
-
-
 def deep_supervision_loss(loss_fn: nn.Module, heads: Sequence[torch.Tensor], target: torch.Tensor,
                           weights: Sequence[float]) -> torch.Tensor:
     """Weighted mean of the loss over output heads (full resolution first; all upsampled to the target size)."""

@@ -32,21 +32,22 @@ class MethodInfo:
     architecture: str | None = None  # config dataclass of the network(s)
     training: str | None = None      # config dataclass of the training run
     module: str | None = None        # implementation (train_method / segment_method)
-
-    @property
-    def needs_model(self) -> bool:
-        return self.trains
+    slicer_module: str | None = None  # the Slicer module whose panel offers it
 
 
 _FUSION = "atlasseg.fusion"
 METHODS: dict[str, MethodInfo] = {m.name: m for m in (
-    MethodInfo("majority", "Majority voting", "one vote per registered atlas", False, True),
-    MethodInfo("weighted", "Local weighted voting", "votes weighted by local image similarity", False, True),
-    MethodInfo("jlf", "Joint label fusion", "joint label fusion (Wang & Yushkevich 2013)", False, True),
-    MethodInfo("staple", "STAPLE", "multi-label STAPLE (Warfield et al. 2004)", False, True),
+    MethodInfo("majority", "Majority voting", "one vote per registered atlas", False, True,
+               slicer_module="DeepLabelFusion"),
+    MethodInfo("weighted", "Local weighted voting", "votes weighted by local image similarity", False, True,
+               slicer_module="DeepLabelFusion"),
+    MethodInfo("jlf", "Joint label fusion", "joint label fusion (Wang & Yushkevich 2013)", False, True,
+               slicer_module="DeepLabelFusion"),
+    MethodInfo("staple", "STAPLE", "multi-label STAPLE (Warfield et al. 2004)", False, True,
+               slicer_module="DeepLabelFusion"),
     MethodInfo("dlf", "Deep Label Fusion", "Deep Label Fusion (Xie et al. 2023): learned weighted voting and "
                "fine-tuning of registered atlases", True, True, "atlasseg.dlf.networks:DLFConfig",
-               "atlasseg.training:TrainConfig", "atlasseg.dlf.method"),
+               "atlasseg.training:TrainConfig", "atlasseg.dlf.method", "DeepLabelFusion"),
     MethodInfo("segmenter", "Segmentation network", "a network of the backbone library trained on the images "
                "alone (no atlases at inference)", True, False, "atlasseg.segmenter:SegmenterConfig",
                "atlasseg.training:TrainConfig", "atlasseg.segmenter"),
@@ -58,6 +59,11 @@ ALIASES = {"unet": "segmenter"}     # model folders written before the registry 
 def method_names(trains: bool | None = None) -> list[str]:
     """Registered method names in registry order, optionally only those that train (or not)."""
     return [n for n, m in METHODS.items() if trains is None or m.trains == trains]
+
+
+def slicer_methods(module: str) -> dict[str, str]:
+    """{name: label} of the methods a Slicer module's panel offers."""
+    return {n: m.label for n, m in METHODS.items() if m.slicer_module == module}
 
 
 def fusion_method_names() -> list[str]:

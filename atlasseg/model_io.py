@@ -79,6 +79,17 @@ def save_model(folder: str | Path, method: str, model: torch.nn.Module, architec
     return folder
 
 
+def legacy_unet_architecture(arch: dict) -> dict:
+    """A format-1 plain U-Net architecture (DLF's ``kind="unet"``) as the segmenter's: the fine-tuning subnet's
+    U-Net on the images alone."""
+    return {"n_labels": arch["n_labels"], "n_modalities": arch.get("n_modalities", 1), "backbone": "unet",
+            "backbone_preset": None,
+            "backbone_kwargs": {"channels": list(arch.get("finetune_channels", [32, 64, 128, 256])),
+                                "norm": arch.get("norm", "instance")},
+            "deep_supervision_weights": list(arch.get("deep_supervision_weights", [1.0, 0.5, 0.2])),
+            "boundary_weight": 1.0}
+
+
 def _from_format_1(config: dict, path: Path) -> dict:
     """A format-1 config (Deep Label Fusion folders before the registry) in today's terms."""
     if config.get("version") != 1:
@@ -88,11 +99,9 @@ def _from_format_1(config: dict, path: Path) -> dict:
     arch = dict(config.get("architecture") or {})
     kind = arch.pop("kind", "dlf")
     if kind == "unet":      # the plain U-Net baseline: the segmenter method with the fine-tuning subnet's U-Net
-        arch = {"n_labels": arch["n_labels"], "n_modalities": arch.get("n_modalities", 1), "backbone": "unet",
-                "backbone_preset": None,
-                "backbone_kwargs": {"channels": arch.get("finetune_channels", [32, 64, 128, 256]),
-                                    "norm": arch.get("norm", "instance")},
-                "deep_supervision_weights": arch.get("deep_supervision_weights", [1.0, 0.5, 0.2])}
+        if "n_labels" not in arch:
+            raise ModelFolderError(f"{path}: format-1 architecture without 'n_labels'")
+        arch = legacy_unet_architecture(arch)
     return {**config, "format": MODEL_FORMAT, "version": MODEL_VERSION, "loaded_from_format": f"{LEGACY_FORMAT}/1",
             "method": "segmenter" if kind == "unet" else "dlf", "architecture": arch}
 
@@ -120,10 +129,12 @@ def read_config(folder: str | Path) -> dict:
         if key not in config:
             raise ModelFolderError(f"{path}: missing '{key}'")
     try:
-        get_method(config["method"])
+        method = get_method(config["method"])
     except ValueError as err:
         raise ModelFolderError(f"{path}: {err}") from None
-    return config
+    if not method.trains:
+        raise ModelFolderError(f"{path}: method {method.name!r} has no trained model")
+    return {**config, "method": method.name}
 
 
 def load_model(folder: str | Path, device: str | torch.device = "cpu", method: str | None = None) -> LoadedModel:
@@ -139,7 +150,7 @@ def load_model(folder: str | Path, device: str | torch.device = "cpu", method: s
     architecture_cls, _ = config_classes(config["method"])
     try:
         architecture = architecture_cls.from_dict(config["architecture"])
-    except (TypeError, ValueError, KeyError) as err:
+    except (TypeError, ValueError, KeyError, AttributeError) as err:
         raise ModelFolderError(f"{folder / CONFIG}: bad architecture ({err})") from None
     weights = folder / WEIGHTS
     if not weights.is_file():

@@ -18,7 +18,15 @@ import torch
 from .atlas import AtlasSet, AtlasSetError, LoadedCase
 from .device import resolve_device
 from .fusion import METHODS, FusionResult, atlas_agreement, fuse, oracle_coverage
-from .io import Geometry, atomic_write_bytes, label_pixel_type, labels_to_tensor, tensor_to_image, write_image
+from .io import (
+    Geometry,
+    atomic_write_bytes,
+    label_pixel_type,
+    labels_to_tensor,
+    safe_name,
+    tensor_to_image,
+    write_image,
+)
 from .progress import Progress
 from .registration import Registration, normalized_tensor, register, warp_atlases
 
@@ -87,8 +95,26 @@ class SegmentationResult:
         if transforms:
             for atlas_id, reg in zip(self.atlas_ids, self.registrations):
                 reg.save(out / "transforms", _safe(atlas_id))
-        write_run_record(out, {"method": self.fusion.method, "atlases": self.atlas_ids, "labels": self.label_names,
-                               "timings_s": self.timings, "files": written})
+        written.update(self.save_extra(out, maps))
+        write_run_record(out, {"method": self.fusion.method, **self.run_fields(), "atlases": self.atlas_ids,
+                               "labels": self.label_names, "timings_s": self.timings, "files": written})
+        return written
+
+    def save_extra(self, out: Path, maps: bool) -> dict[str, str]:
+        """Outputs a method adds (written before ``run.json``, which comes last); none here."""
+        return {}
+
+    def run_fields(self) -> dict:
+        """Fields a method adds to ``run.json`` (e.g. its model folder)."""
+        return {}
+
+    def save_probability_maps(self, out: Path) -> dict[str, str]:
+        """``maps/probability_<value>_<name>.nii.gz``: the final per-label probabilities (trained methods)."""
+        written = {}
+        for i, v in enumerate(self.fusion.labels):
+            image = tensor_to_image(self.fusion.posteriors[i].float(), self.geometry)
+            name = _safe(self.label_names.get(v, f"label{v}"))
+            written[f"probability_{v}"] = str(write_image(image, out / "maps" / f"probability_{v}_{name}.nii.gz"))
         return written
 
 
@@ -106,8 +132,7 @@ def write_run_record(out_dir: str | Path, fields: dict) -> Path:
     return atomic_write_bytes(Path(out_dir) / RUN_RECORD, json.dumps(record, indent=2, default=str).encode())
 
 
-def _safe(name: str) -> str:
-    return "".join(c if c.isalnum() or c in "-_." else "_" for c in str(name))
+_safe = safe_name
 
 
 def choose_atlases(atlas_set: AtlasSet, n_atlases: int | None, exclude: Sequence[str] = (), seed: int = 0,

@@ -39,11 +39,13 @@ from .geometry import (
     worldIjkToRas,
 )
 
-REGISTRY = engineRegistry()  # the engine's method registry (atlasseg.methods), read without importing torch
-# engine name -> label shown to the user: the methods that work on registered atlases
-METHODS = {name: method.label for name, method in REGISTRY.METHODS.items() if method.uses_atlases}
-BACKENDS = tuple(REGISTRY.BACKENDS)
-PRESETS = tuple(REGISTRY.REGISTRATION_PRESETS)
+try:  # the engine's method registry (atlasseg.methods), read without importing torch
+    REGISTRY = engineRegistry()
+    METHODS = REGISTRY.slicer_methods("DeepLabelFusion")  # engine name -> label shown to the user
+    BACKENDS = tuple(REGISTRY.BACKENDS)
+    PRESETS = tuple(REGISTRY.REGISTRATION_PRESETS)
+except EngineError:  # no engine beside the module: the panel still opens and Apply names the problem
+    REGISTRY, METHODS, BACKENDS, PRESETS = None, {}, (), ()
 DEVICES = {"auto": "auto", "cpu": "cpu", "gpu": "cuda"}
 
 # Distinct, colour-blind-friendly segment colours (Okabe-Ito, then Tableau) for atlas sets read from disk.

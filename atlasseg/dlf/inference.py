@@ -17,7 +17,7 @@ from ..fusion import FusionResult, labels_to_index
 from ..inference import prediction_region, uncrop
 from ..io import label_pixel_type, tensor_to_image, write_image
 from ..model_io import LoadedModel, check_compatible, load_model
-from ..pipeline import PreparedAtlases, SegmentationResult, prepare, write_run_record
+from ..pipeline import PreparedAtlases, SegmentationResult, prepare
 from ..progress import Progress
 from .networks import coordinate_maps
 
@@ -42,8 +42,8 @@ class DLFPrediction:
         return self.initial.argmax(0)
 
 
-def predict(model: torch.nn.Module, target: torch.Tensor, atlas_images: torch.Tensor | None,
-            atlas_label_index: torch.Tensor | None, roi_size: Sequence[int], overlap: float = 0.5,
+def predict(model: torch.nn.Module, target: torch.Tensor, atlas_images: torch.Tensor,
+            atlas_label_index: torch.Tensor, roi_size: Sequence[int], overlap: float = 0.5,
             with_weights: bool = False, device: str | torch.device = "auto", sw_batch_size: int = 1,
             crop: bool = True) -> DLFPrediction:
     """Sliding-window DLF over a whole target.
@@ -51,7 +51,8 @@ def predict(model: torch.nn.Module, target: torch.Tensor, atlas_images: torch.Te
     Args:
         target: (C, Z, Y, X) normalised; atlas_images (N, C, Z, Y, X); atlas_label_index (N, Z, Y, X) indices
             (both None for the plain U-Net).
-        roi_size: window (Z, Y, X) in voxels, a multiple of the model's divisor; windows overlap by ``overlap``
+        roi_size: window (Z, Y, X) in voxels (a multiple of the U-Nets' downsampling avoids padding); windows
+            overlap by ``overlap``
             and are blended with Gaussian weights; coordinate maps span the whole target.
         with_weights: also return the per-atlas, per-label voting weights (N x L volumes).
         crop: run the windows only over :func:`prediction_region` (the rest is background); ignored with
@@ -63,23 +64,21 @@ def predict(model: torch.nn.Module, target: torch.Tensor, atlas_images: torch.Te
     c = target.shape[0]
     spatial = tuple(target.shape[1:])
     n = atlas_images.shape[0]
-    parts = [target.float(), coordinate_maps(spatial)]
-    if n:
-        parts += [atlas_images.reshape(n * c, *spatial).float(), atlas_label_index.float()]
+    if n < 1:
+        raise ValueError("Deep Label Fusion needs at least one warped atlas")
+    parts = [target.float(), coordinate_maps(spatial), atlas_images.reshape(n * c, *spatial).float(),
+             atlas_label_index.float()]
     packed = torch.cat(parts)[None]
     region = (slice(None),) * 3
     if crop and not with_weights:
-        region = prediction_region(target, atlas_label_index if n and config.use_mask else None, roi_size)
+        region = prediction_region(target, atlas_label_index if config.use_mask else None, roi_size)
         packed = packed[(slice(None), slice(None)) + region]
 
     def window(x: torch.Tensor) -> dict[str, torch.Tensor]:
         t, coords = x[:, :c], x[:, c:c + 3]
-        if n:
-            a = x[:, c + 3:c + 3 + n * c].reshape(x.shape[0], n, c, *x.shape[2:])
-            lab = x[:, c + 3 + n * c:].round().long()
-            out = model(t, a, lab, coords)
-        else:
-            out = model(t)
+        a = x[:, c + 3:c + 3 + n * c].reshape(x.shape[0], n, c, *x.shape[2:])
+        lab = x[:, c + 3 + n * c:].round().long()
+        out = model(t, a, lab, coords)
         result = {"probabilities": torch.softmax(out.logits, 1), "initial": out.initial}
         if out.votes is not None:
             result["votes"] = out.votes
@@ -125,23 +124,19 @@ class DLFSegmentationResult(SegmentationResult):
                 out[f"{atlas}_{v}_{name}"] = tensor_to_image(self.label_weights[k, i].float(), self.geometry)
         return out
 
-    def save(self, out_dir: str | Path, maps: bool = False, transforms: bool = False,
-             reference: sitk.Image | None = None, oracle_fraction: float = 0.10) -> dict[str, str]:
-        written = super().save(out_dir, maps, transforms, reference, oracle_fraction)
-        out = Path(out_dir)
+    def save_extra(self, out: Path, maps: bool) -> dict[str, str]:
+        """The initial (vote-fused) segmentation and, with ``maps``, the final probabilities."""
+        written = {}
         if self.initial_segmentation is not None:
             seg = self.initial_segmentation
             image = tensor_to_image(seg.to(torch.int32), self.geometry, label_pixel_type(int(seg.max())))
             written["initial_segmentation"] = str(write_image(image, out / "initial_segmentation.nii.gz"))
         if maps:
-            for i, v in enumerate(self.fusion.labels):
-                name = self.label_names.get(v, f"label{v}")
-                safe = "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in name)
-                image = tensor_to_image(self.fusion.posteriors[i].float(), self.geometry)
-                written[f"probability_{v}"] = str(write_image(image, out / "maps" / f"probability_{v}_{safe}.nii.gz"))
-        write_run_record(out, {"method": "dlf", "model": self.model_folder, "atlases": self.atlas_ids,
-                               "labels": self.label_names, "timings_s": self.timings, "files": written})
+            written.update(self.save_probability_maps(out))
         return written
+
+    def run_fields(self) -> dict:
+        return {"model": self.model_folder}
 
 
 def result_from_prediction(prepared: PreparedAtlases, prediction: DLFPrediction, labels: Sequence[int],

@@ -69,9 +69,13 @@ class DLFConfig:
             raise ValueError("each U-Net needs at least 3 levels (MONAI DynUNet)")
         if self.norm not in ("instance", "batch"):
             raise ValueError(f"norm must be 'instance' or 'batch', got {self.norm!r}")
-        for spec in (self.vote_backbone, self.finetune_backbone):
-            if spec is not None:
-                BackboneSpec.from_dict(spec)     # unknown names and presets fail here, not mid-training
+        for role, spec in (("vote_backbone", self.vote_backbone), ("finetune_backbone", self.finetune_backbone)):
+            if spec is None:
+                continue
+            spec = BackboneSpec.from_dict(spec)          # unknown names and presets fail here, not mid-training
+            if spec.resolved_kwargs().get("deep_supervision") or spec.boundary_channels():
+                raise ValueError(f"{role}: a DLF subnet needs one output per label (no deep_supervision or "
+                                 "boundary channels in its arguments; resunet_r with boundary_channels 0)")
 
     def vote_spec(self) -> BackboneSpec:
         if self.vote_backbone is not None:
@@ -82,15 +86,6 @@ class DLFConfig:
         if self.finetune_backbone is not None:
             return BackboneSpec.from_dict(self.finetune_backbone)
         return BackboneSpec("unet", None, {"channels": list(self.finetune_channels), "norm": self.norm})
-
-    @property
-    def divisor(self) -> int:
-        """Patch sizes should be multiples of this (the default U-Nets' total downsampling; other sizes are
-        padded)."""
-        levels = len(self.finetune_channels) if self.use_finetune else 1
-        if self.use_weighted_voting:
-            levels = max(levels, len(self.vote_channels))
-        return 2 ** (levels - 1)
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -110,14 +105,6 @@ class DLFConfig:
         if unknown:
             raise ValueError(f"unknown architecture keys {unknown}")
         return cls(**d)
-
-
-def deep_supervision_heads(spec: BackboneSpec, weights: tuple[float, ...]) -> int:
-    """Extra heads a backbone gives for ``weights`` (U-Net: one per upsampling level below the top)."""
-    if spec.name != "unet":
-        return 0
-    levels = len(spec.resolved_kwargs().get("channels", (16, 32, 64, 128)))
-    return max(min(len(weights), levels - 1) - 1, 0)
 
 
 def coordinate_maps(shape: tuple[int, int, int], device: torch.device | str = "cpu") -> torch.Tensor:
@@ -188,7 +175,7 @@ class DeepLabelFusion(nn.Module):
         self.vote_net = subnet(config.vote_spec(), 2 * c + 3, n_labels) if config.use_weighted_voting else None
         finetune = config.finetune_spec()
         self.finetune_net = subnet(finetune, n_labels + 3, n_labels,
-                                   deep_supervision_heads(finetune, config.deep_supervision_weights)) \
+                                   finetune.deep_supervision_heads(len(config.deep_supervision_weights))) \
             if config.use_finetune else None
 
     def voting_weights(self, target: torch.Tensor, atlas_images: torch.Tensor, coords: torch.Tensor) -> torch.Tensor:

@@ -13,7 +13,7 @@ import torch
 
 from ..atlas import AtlasSet
 from ..cache import RegistrationCache
-from ..losses import deep_supervision_loss, loss_function
+from ..losses import deep_supervision_loss, make_loss
 from ..model_io import save_model
 from ..training import (
     Augmenter,
@@ -46,7 +46,10 @@ class DLFTrainer(Trainer):
         self.cache_dir = Path(cache_dir) if cache_dir else self.output / "registration_cache"
         if config.n_atlases < 1:
             raise TrainingError("DLF needs at least one atlas per target (n_atlases >= 1)")
-        self.loss_fn = loss_function(config.loss)
+        if config.loss == "ce_mfb":
+            raise TrainingError("DLF does not train with 'ce_mfb' (its class weights come from a segmenter's "
+                                "training labels); use gdl, gdl_ce or vnet_dice")
+        self.loss_fn = make_loss(config.loss)
 
     # -- hooks ---------------------------------------------------------------------------------------------
     def build_model(self) -> torch.nn.Module:
@@ -100,7 +103,9 @@ class DLFTrainer(Trainer):
 
     def comparable_identity(self, identity: dict) -> dict:
         """Format-1 checkpoints recorded ``kind: "dlf"`` in the architecture; it means the same model."""
-        arch = {k: v for k, v in identity.get("architecture", {}).items() if k != "kind"}
+        arch = dict(identity.get("architecture", {}))
+        if arch.get("kind") == "dlf":
+            del arch["kind"]
         return {**identity, "architecture": arch}
 
     def training_summary(self, epoch: int, elapsed: float) -> dict:

@@ -40,6 +40,7 @@ from dataclasses import dataclass
 
 import torch
 
+from ..methods import fusion_method_names
 from .jlf import JLF_PARAMS, joint_label_fusion
 from .oracle import atlas_agreement, oracle_coverage
 from .staple import STAPLE_PARAMS, staple_fusion
@@ -63,7 +64,7 @@ class FusionResult:
     labels: list[int]
 
 
-METHODS = ("majority", "weighted", "jlf", "staple")
+METHODS = tuple(fusion_method_names())   # the registry's label fusion methods
 _DECISIONS = ("argmax", "antspyx")
 
 

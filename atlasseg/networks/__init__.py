@@ -11,19 +11,14 @@ has documented presets: ``"cpu"`` (sized to train on 2 CPU cores) and ``"paper"`
 
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass, field
 
 from torch import nn
 
-from . import unet  # noqa: F401  (registers unet, resunet, segresnet)
+from . import pdvnet, resunet_em, segnet, unet, vnet  # noqa: F401  (each registers its backbones)
 from .base import BACKBONES, BackboneInfo, PaddedForward, as_heads, pad_to_multiple, register_backbone
-
-for _module in ("vnet", "resunet_em", "pdvnet", "segnet"):  # the literature's backbones, where present
-    try:
-        __import__(f"{__name__}.{_module}")
-    except ModuleNotFoundError as _err:
-        if _err.name != f"{__name__}.{_module}":
-            raise
+from .unet import UNET_DEFAULT_CHANNELS
 
 __all__ = ["BACKBONES", "BackboneInfo", "BackboneSpec", "PaddedForward", "as_heads", "backbone_names",
            "build_backbone", "pad_to_multiple", "register_backbone"]
@@ -58,6 +53,20 @@ class BackboneSpec:
         info = backbone_info(self.name)
         preset = info.presets.get(self.preset, {}) if self.preset else {}
         return {**preset, **self.kwargs}
+
+    def boundary_channels(self) -> int:
+        """Instance-boundary channels the backbone adds after the class channels (Res-UNet-R/H)."""
+        default = inspect.signature(backbone_info(self.name).cls).parameters.get("boundary_channels")
+        fallback = default.default if default is not None else 0
+        return int(self.resolved_kwargs().get("boundary_channels", fallback))
+
+    def deep_supervision_heads(self, n_weights: int) -> int:
+        """Extra heads to ask for given ``n_weights`` loss weights (full resolution first): the U-Net gives one per
+        upsampling level below the top; backbones without deep supervision give none."""
+        if not getattr(backbone_info(self.name).cls, "supports_deep_supervision", False):
+            return 0
+        levels = len(self.resolved_kwargs().get("channels", UNET_DEFAULT_CHANNELS))
+        return max(min(n_weights, levels - 1) - 1, 0)
 
     def to_dict(self) -> dict:
         return {"name": self.name, "preset": self.preset, "kwargs": self.resolved_kwargs()}

@@ -81,23 +81,22 @@ class BackboneInfo:
     description: str
     reference: str
     presets: dict[str, dict] = field(default_factory=dict)
-    default_preset: str = "cpu"
 
 
 BACKBONES: dict[str, BackboneInfo] = {}
 
 
-def register_backbone(name: str, description: str, reference: str, presets: dict[str, dict] | None = None,
-                      default_preset: str = "cpu") -> Callable[[type], type]:
+def register_backbone(name: str, description: str, reference: str,
+                      presets: dict[str, dict] | None = None) -> Callable[[type], type]:
     """Class decorator adding a backbone to :data:`BACKBONES` under ``name``."""
 
     def add(cls: type) -> type:
         if name in BACKBONES:
             raise ValueError(f"backbone {name!r} registered twice")
         presets_ = dict(presets or {})
-        if presets_ and default_preset not in presets_:
-            raise ValueError(f"backbone {name!r}: default preset {default_preset!r} not among {sorted(presets_)}")
-        BACKBONES[name] = BackboneInfo(name, cls, description, reference, presets_, default_preset)
+        if set(presets_) != {"cpu", "paper"}:
+            raise ValueError(f"backbone {name!r}: needs a 'cpu' and a 'paper' preset, has {sorted(presets_)}")
+        BACKBONES[name] = BackboneInfo(name, cls, description, reference, presets_)
         cls.backbone_name = name
         return cls
 

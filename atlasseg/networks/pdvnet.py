@@ -24,7 +24,8 @@ def _norm(kind: str, channels: int) -> nn.Module:
 
 def preact_conv(in_channels: int, out_channels: int, kernel_size: int = 3, stride: int = 1,
                 norm: str = "batch") -> nn.Sequential:
-    """Norm -> PReLU -> k x k x k convolution (pre-activation, as the dense layers of Gibson et al.)."""
+    """Norm -> PReLU -> k x k x k convolution (pre-activation ordering, chosen here; Gibson et al.'s NiftyNet
+    DenseVNet orders conv -> BN -> ReLU)."""
     return nn.Sequential(_norm(norm, in_channels), nn.PReLU(in_channels),
                          nn.Conv3d(in_channels, out_channels, kernel_size, stride=stride, padding=kernel_size // 2))
 

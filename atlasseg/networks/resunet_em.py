@@ -175,8 +175,10 @@ class _ResUNetEM(PaddedForward, nn.Module):
 
 
 def _presets() -> dict[str, dict]:
-    """``paper``: the published widths (28, 36, 48, 64, 80; four in-plane halvings) with batch norm, as the
-    authors' code; ``cpu``: 8, 16, 32, 48 with instance norm (batches of 1-2 on 2 CPU cores)."""
+    """``paper``: Res-UNet-R's published widths (28, 36, 48, 64, 80; four in-plane halvings) with batch norm, as
+    the authors' code (Res-UNet-H's paper preset follows their ``rsunet``: 16-80, no norm, max-pool down);
+    ``cpu``: 8, 16, 32, 48 with instance norm (batches of 1-2 on 2 CPU cores). The authors' (1, 5, 5) embedding
+    and output convolutions are left out."""
     return {"cpu": {"channels": [8, 16, 32, 48], "norm": "instance"},
             "paper": {"channels": [28, 36, 48, 64, 80], "norm": "batch"}}
 
@@ -220,7 +222,8 @@ class ResUNetR(_ResUNetEM):
     "resunet_h", "Res-UNet-H: Res-UNet-R's encoder shared by two decoders, one for the semantic mask and one for "
     "the instance boundary (contour); output [mask, boundary]",
     "Li et al. 2021, Advanced deep networks for 3D mitochondria instance segmentation (MitoEM 2021 winner)",
-    presets=_presets())
+    presets={"cpu": _presets()["cpu"],
+             "paper": {"channels": [16, 32, 48, 64, 80], "norm": "none", "down": "pool"}})
 class ResUNetH(_ResUNetEM):
     """Res-UNet-H: same arguments as :class:`ResUNetR`, but ``boundary_channels`` must be at least 1 and is
     predicted by its own decoder (``boundary_decoder``); ``mask_decoder`` predicts the ``out_channels``.

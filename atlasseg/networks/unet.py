@@ -13,6 +13,8 @@ from torch import nn
 
 from .base import PaddedForward, register_backbone
 
+UNET_DEFAULT_CHANNELS = (16, 32, 64, 128)
+
 
 def _per_level(value: int | Sequence, levels: int, name: str) -> list:
     """An int (all levels, all axes) or one entry per level (an int or one int per axis)."""
@@ -38,6 +40,8 @@ def _axis_product(strides: Sequence, dims: int) -> tuple[int, ...]:
     "Ronneberger et al. 2015 / Isensee et al. 2021 (nnU-Net's DynUNet)",
     presets={"cpu": {"channels": [16, 32, 64, 128]}, "paper": {"channels": [32, 64, 128, 256, 320]}})
 class UNet(PaddedForward, DynUNet):
+    supports_deep_supervision = True
+
     """U-Net with ``len(channels)`` levels.
 
     Args:
@@ -49,7 +53,7 @@ class UNet(PaddedForward, DynUNet):
         deep_supervision: number of extra, coarser output heads returned in training mode.
     """
 
-    def __init__(self, in_channels: int, out_channels: int, channels: Sequence[int] = (16, 32, 64, 128),
+    def __init__(self, in_channels: int, out_channels: int, channels: Sequence[int] = UNET_DEFAULT_CHANNELS,
                  kernel_size: int | Sequence = 3, strides: int | Sequence = 2, norm: str = "instance",
                  deep_supervision: int = 0, spatial_dims: int = 3):
         channels = [int(c) for c in channels]

@@ -89,6 +89,10 @@ def _check_layout(channels: list[int], convs_down: list[int], convs_up: list[int
 class VNet(PaddedForward, nn.Module):
     """V-Net with ``len(channels)`` levels; input (B, in_channels, Z, Y, X) -> logits (B, out_channels, Z, Y, X).
 
+    The default stage layout, 1, 1, 2, 3, 3 down and 3, 3, 2, 1 up, is the one the platform issue and the
+    project's reference notes give; the paper's figure draws 1, 2, 3, 3, 3 down, and the released Caffe prototxt
+    differs again (1, 1, 2, 3, 2 / 2, 2, 1, 1). Both are lists here (``convs_down``, ``convs_up``).
+
     Level ``l`` runs a residual stage of ``convs_down[l]`` convolutions at ``channels[l]`` channels (level 0
     convolves the input to ``channels[0]`` and adds the input tiled to that width); a 2x2x2 stride-2 convolution
     leads to the next level. Going up, a 2x2x2 transposed convolution brings the coarser features to

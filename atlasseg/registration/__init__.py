@@ -18,10 +18,10 @@ import torch
 from ..device import resolve_device
 from ..intensity import percentile_normalize
 from ..io import Geometry, image_to_tensor, labels_to_tensor
+from ..methods import BACKENDS
 from . import greedy_backend, torch_backend
 from .transforms import DisplacementField, warp_image, warp_labels
 
-BACKENDS = ("torch", "greedy")
 ProgressFn = Callable[[float, str], None]
 
 __all__ = ["BACKENDS", "DisplacementField", "Registration", "register", "warp_atlases", "warp_image",

@@ -24,9 +24,9 @@ from ..atlas import AtlasSet
 from ..device import resolve_device
 from ..fusion import FusionResult, labels_to_index
 from ..inference import prediction_region, uncrop
-from ..io import Geometry, image_to_tensor, tensor_to_image, write_image
+from ..io import Geometry, image_to_tensor, write_image
 from ..losses import deep_supervision_loss, make_loss, median_frequency_weights_from_labels
-from ..model_io import LoadedModel, check_compatible, load_model, save_model
+from ..model_io import LoadedModel, check_compatible, legacy_unet_architecture, load_model, save_model
 from ..networks import BackboneSpec, as_heads, build_backbone
 from ..pipeline import SegmentationResult, write_run_record
 from ..progress import Progress
@@ -74,10 +74,7 @@ class SegmenterConfig:
         return BackboneSpec(self.backbone, self.backbone_preset, self.backbone_kwargs)
 
     def deep_supervision_heads(self) -> int:
-        if self.backbone != "unet":
-            return 0
-        levels = len(self.spec().resolved_kwargs().get("channels", (16, 32, 64, 128)))
-        return max(min(len(self.deep_supervision_weights), levels - 1) - 1, 0)
+        return self.spec().deep_supervision_heads(len(self.deep_supervision_weights))
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -214,10 +211,14 @@ class SegmenterTrainer(Trainer):
 
     def comparable_identity(self, identity: dict) -> dict:
         """Atlas-sampling settings do not change a segmenter's training: a model trained beside one DLF
-        configuration is reused beside another."""
+        configuration is reused beside another. A format-1 checkpoint of DLF's plain U-Net (``kind="unet"``) is
+        this method with that U-Net."""
         training = {k: v for k, v in identity.get("training", {}).items()
                     if k not in ("n_atlases", "candidates_per_target")}
-        return {**identity, "training": training}
+        arch = identity.get("architecture", {})
+        if arch.get("kind") == "unet":
+            arch = legacy_unet_architecture(arch)
+        return {**identity, "method": "segmenter", "training": training, "architecture": arch}
 
     def save_model(self, model, extra: dict) -> None:
         save_model(self.output, "segmenter", model, self.architecture.to_dict(), self.atlas_set.labels,
@@ -252,10 +253,7 @@ class SegmenterResult(SegmentationResult):
         out = Path(out_dir)
         written = {"segmentation": str(write_image(self.segmentation, out / "segmentation.nii.gz"))}
         if maps:
-            for i, v in enumerate(self.fusion.labels):
-                name = "".join(c if c.isalnum() or c in "-_." else "_" for c in self.label_names.get(v, f"label{v}"))
-                image = tensor_to_image(self.fusion.posteriors[i].float(), self.geometry)
-                written[f"probability_{v}"] = str(write_image(image, out / "maps" / f"probability_{v}_{name}.nii.gz"))
+            written.update(self.save_probability_maps(out))
         write_run_record(out, {"method": "segmenter", "model": self.model_folder, "atlases": [],
                                "labels": self.label_names, "timings_s": self.timings, "files": written})
         return written

@@ -1,6 +1,6 @@
 """Training data: atlas draws, patch sampling and augmentation, shared by every trainable method.
 
-Tensors follow :mod:`atlasseg.dlf.networks`: target (C, Z, Y, X) float32 normalised, atlas images
+Tensors: target (C, Z, Y, X) float32 normalised (:func:`atlasseg.registration.normalized_tensor`), atlas images
 (N, C, Z, Y, X), atlas labels and reference labels as label *indices* (int64, 0..L-1).
 """
 

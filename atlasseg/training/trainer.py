@@ -14,6 +14,7 @@ import contextlib
 import copy
 import csv
 import io
+import json
 import math
 import time
 from collections.abc import Callable, Sequence
@@ -31,6 +32,7 @@ from ..device import resolve_device
 from ..io import atomic_write, atomic_write_bytes
 from ..losses import LOSS_NAMES
 from ..memory import PeakMemory
+from ..methods import BACKENDS, REGISTRATION_PRESETS
 from ..progress import Progress
 from .data import AugmentConfig, Augmenter, CaseTensors
 
@@ -54,7 +56,8 @@ class TrainConfig:
     rate by ``step_gamma``. ``val_interval``: validate (whole-volume sliding windows) every that many epochs and
     after the last one; the model folder keeps the best validated weights. ``loss``: ``gdl`` (generalized Dice),
     ``gdl_ce`` (+ cross-entropy), ``vnet_dice`` (V-Net's squared-denominator Dice), ``ce_mfb`` (cross-entropy with
-    median-frequency class balancing). ``mixed_precision``: bfloat16 autocast, on CUDA only.
+    median-frequency class balancing). ``mixed_precision``: bfloat16 autocast, on CUDA only (off by default:
+    numbers stay those of fp32).
     """
 
     epochs: int = 20
@@ -75,7 +78,7 @@ class TrainConfig:
     preset: str = "default"
     overlap: float = 0.5
     val_interval: int = 1
-    mixed_precision: bool = True
+    mixed_precision: bool = False
     augment: AugmentConfig = field(default_factory=AugmentConfig)
 
     def __post_init__(self):
@@ -91,6 +94,10 @@ class TrainConfig:
             raise ValueError(f"loss must be one of {', '.join(LOSS_NAMES)}, got {self.loss!r}")
         if self.epochs < 1 or self.n_atlases < 0 or self.val_interval < 1:
             raise ValueError("epochs and val_interval must be >= 1 and n_atlases >= 0")
+        if self.backend not in BACKENDS:
+            raise ValueError(f"backend must be one of {', '.join(BACKENDS)}, got {self.backend!r}")
+        if self.preset not in REGISTRATION_PRESETS:
+            raise ValueError(f"preset must be one of {', '.join(REGISTRATION_PRESETS)}, got {self.preset!r}")
         if not 0 <= self.val_fraction < 1:
             raise ValueError(f"val_fraction must be in [0, 1), got {self.val_fraction}")
 
@@ -196,6 +203,11 @@ def load_checkpoint(path: Path) -> dict:
         raise TrainingError(f"{path}: unreadable checkpoint ({str(err).splitlines()[0][:200]})") from None
 
 
+def _plain(identity: dict) -> dict:
+    """An identity as JSON would hold it (tuples and lists compare equal; older checkpoints kept tuples)."""
+    return json.loads(json.dumps(identity, default=str))
+
+
 def model_state(model: nn.Module) -> dict[str, torch.Tensor]:
     return {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
 
@@ -298,8 +310,8 @@ class Trainer:
             raise TrainingError(f"{checkpoint_path}: nothing to resume (no checkpoint in {self.output})")
         state = load_checkpoint(checkpoint_path) if resume else None
         if state is not None:
-            saved = self.comparable_identity(self._with_defaults(state.get("identity")) or {})
-            if saved != self.comparable_identity(self.identity()):
+            saved = self.comparable_identity(_plain(self._with_defaults(state.get("identity")) or {}))
+            if saved != self.comparable_identity(_plain(self.identity())):
                 raise TrainingError(f"{checkpoint_path}: the checkpoint was written with other settings (method, "
                                     "architecture, training config or data split); resume with the same settings")
         return state
