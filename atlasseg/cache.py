@@ -59,16 +59,6 @@ def _index_dtype(n_labels: int) -> torch.dtype:
     return torch.uint8 if n_labels < 256 else torch.int16
 
 
-def _geometry_dict(g: Geometry) -> dict:
-    return {"size": list(g.size), "spacing": list(g.spacing), "origin": list(g.origin),
-            "direction": list(g.direction)}
-
-
-def _geometry(d: dict) -> Geometry:
-    return Geometry(tuple(int(s) for s in d["size"]), tuple(float(s) for s in d["spacing"]),
-                    tuple(float(o) for o in d["origin"]), tuple(float(x) for x in d["direction"]))
-
-
 def _from_format_1(manifest: dict) -> dict:
     """A DLF cache of format 1 in today's terms: its targets are cases, its pairs have the ``warped`` part (their
     files name the tensors ``image`` / ``label``, read as ``warped_image`` / ``warped_label``)."""
@@ -200,7 +190,7 @@ class RegistrationCache:
             self.manifest["pairs"][self._key(fixed_id, moving.case_id)] = {
                 "fixed": fixed_id, "moving": moving.case_id, "file": str(rel), "sha256": digest, "parts": stored,
                 "registration_s": existing["registration_s"] if existing else reg.seconds,
-                "fixed_geometry": _geometry_dict(fixed_geometry), "moving_geometry": _geometry_dict(moving_geometry)}
+                "fixed_geometry": fixed_geometry.to_dict(), "moving_geometry": moving_geometry.to_dict()}
 
     def _stored_tensors(self, entry: dict | None) -> dict[str, torch.Tensor]:
         if entry is None:
@@ -223,7 +213,7 @@ class RegistrationCache:
         rel = Path("cases") / f"{_safe(case_id)}.safetensors"
         digest = atomic_save_tensors(tensors, self.folder / rel)
         self.manifest["cases"][case_id] = {"file": str(rel), "sha256": digest,
-                                           "geometry": _geometry_dict(Geometry.of(case.images[0]))}
+                                           "geometry": Geometry.of(case.images[0]).to_dict()}
         self._save_manifest()
 
     # -- reading --------------------------------------------------------------------------------------------
@@ -272,8 +262,8 @@ class RegistrationCache:
     def registration(self, fixed_id: str, moving_id: str) -> Registration:
         """The forward (fixed grid) and inverse (moving grid) fields of a cached pair."""
         entry, p = self._pair(fixed_id, moving_id, "fields")
-        return Registration(DisplacementField(p["forward_field"], _geometry(entry["fixed_geometry"])),
-                            DisplacementField(p["inverse_field"], _geometry(entry["moving_geometry"])),
+        return Registration(DisplacementField(p["forward_field"], Geometry.from_dict(entry["fixed_geometry"])),
+                            DisplacementField(p["inverse_field"], Geometry.from_dict(entry["moving_geometry"])),
                             f"cache:{self.backend}", float(entry["registration_s"]))
 
     def registration_seconds(self, fixed_id: str, moving_id: str) -> float:

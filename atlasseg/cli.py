@@ -9,12 +9,14 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import inspect
 import json
 import sys
 from pathlib import Path
 
 from .atlas import AtlasSetError, load_atlas_set, load_target, read_label
 from .config import add_dataclass_args, dataclass_from, overrides_from_args, read_json_config, to_dict
+from .fusion.jlf import joint_label_fusion
 from .io import ImageError
 from .methods import (
     BACKENDS,
@@ -27,7 +29,11 @@ from .methods import (
 )
 
 PRESETS = REGISTRATION_PRESETS
-BENCHMARK_SUITES = ("hippocampus", "fetal", "dlf-hippocampus", "dlf-fetal-sb", "dlf-generalise", "backbones")
+# joint label fusion's defaults, read from the function that applies them (no second copy)
+JLF_DEFAULTS = {k: inspect.signature(joint_label_fusion).parameters[k].default
+                for k in ("alpha", "beta", "patch_radius", "search_radius")}
+BENCHMARK_SUITES = ("hippocampus", "fetal", "dlf-hippocampus", "dlf-fetal-sb", "dlf-generalise", "backbones",
+                    "instances")
 ARCH_PREFIX = ""      # architecture flags keep their field names (--vote-channels, --backbone, ...)
 # flags of the former dlf-train command, kept working: flag -> (destination field, value or None for "given")
 LEGACY_TRAIN_FLAGS = {"--lr": ("learning_rate", float), "--candidates": ("candidates_per_target", int)}
@@ -88,10 +94,9 @@ def _parser(train_method: str | None = None) -> argparse.ArgumentParser:
     p.add_argument("--maps", action="store_true", help="also write vote, weight and agreement maps")
     p.add_argument("--transforms", action="store_true", help="also write forward/inverse displacement fields")
     p.add_argument("--reference", help="reference label image: writes metrics.json and oracle coverage")
-    p.add_argument("--jlf-alpha", type=float, default=0.1)
-    p.add_argument("--jlf-beta", type=float, default=2.0)
-    p.add_argument("--jlf-patch-radius", type=int, default=2)
-    p.add_argument("--jlf-search-radius", type=int, default=3)
+    for name, kind in (("alpha", float), ("beta", float), ("patch_radius", int), ("search_radius", int)):
+        p.add_argument(f"--jlf-{name.replace('_', '-')}", type=kind, default=None,
+                       help=f"joint label fusion {name} (default {JLF_DEFAULTS[name]}, as antsJointFusion)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     _add_registration_args(p)
 
@@ -160,9 +165,8 @@ def _segment(args) -> int:
     if args.model:
         raise ValueError(f"--model is only used with a trained method ({', '.join(method_names(trains=True))})")
     params = {}
-    if args.method == "jlf":
-        params = {"alpha": args.jlf_alpha, "beta": args.jlf_beta, "patch_radius": args.jlf_patch_radius,
-                  "search_radius": args.jlf_search_radius}
+    if args.method == "jlf":     # only what was given: the defaults live in the fusion code
+        params = {k: getattr(args, f"jlf_{k}") for k in JLF_DEFAULTS if getattr(args, f"jlf_{k}") is not None}
     result = segment(target, atlas_set, method=args.method, n_atlases=args.n_atlases or 10, atlas_ids=args.atlas_ids,
                      exclude=args.exclude, backend=args.backend, device=args.device, preset=args.preset,
                      fusion_params=params, seed=args.seed, show_progress=not args.quiet)
@@ -280,6 +284,10 @@ def _benchmark(args) -> int:
         from .benchmarks.backbones import run_backbones_benchmark
 
         run_backbones_benchmark(args)
+    elif args.suite == "instances":
+        from .benchmarks.instances import run_instances_benchmark_cli
+
+        run_instances_benchmark_cli(args)
     else:
         from .benchmarks.classic import run_benchmark
 

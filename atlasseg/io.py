@@ -49,6 +49,16 @@ class Geometry:
             tuple(float(d) for d in image.GetDirection()),
         )
 
+    def to_dict(self) -> dict:
+        """JSON-ready (manifests and model configs)."""
+        return {"size": list(self.size), "spacing": list(self.spacing), "origin": list(self.origin),
+                "direction": list(self.direction)}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> Geometry:
+        return cls(tuple(int(s) for s in d["size"]), tuple(float(s) for s in d["spacing"]),
+                   tuple(float(o) for o in d["origin"]), tuple(float(x) for x in d["direction"]))
+
     @property
     def shape(self) -> tuple[int, int, int]:
         """Array shape (Z, Y, X)."""

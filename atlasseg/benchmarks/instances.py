@@ -16,16 +16,13 @@ seeded watershed reaches AP-75 >= 0.9 and beats connected components of its own 
   a rerun of a finished training reuses it), predicts the test cases, post-processes them with the seeded
   watershed and with connected components, and reports AP-75 per test case (a markdown section).
 
-Run it with ``python -m atlasseg.benchmarks.instances --work DIR --markdown FILE``.
+Run it with ``atlasseg benchmark instances [--work DIR] [--markdown FILE]``.
 """
 
 from __future__ import annotations
 
-import argparse
 import datetime
 import json
-import shlex
-import sys
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -54,7 +51,7 @@ from ..model_io import NORMALISATION
 from ..networks import BackboneSpec, build_backbone
 from ..registration import normalized_tensor
 from ..training import AugmentConfig, Augmenter, CaseTensors, TrainConfig, Trainer, TrainingError, sample_patch
-from .report import format_difference, git_commit, machine_description, paired_difference, update_markdown
+from .report import command_line, format_difference, git_commit, machine_description, paired_difference, update_markdown
 
 __all__ = ["INSTANCE_MODEL_FORMAT", "InstanceTrainer", "WATERSHED", "benchmark_training_config",
            "default_min_size", "load_instance_case", "load_instance_model", "predict_probabilities",
@@ -71,6 +68,7 @@ CC_THRESHOLD = 0.5
 MIN_SIZE_FRACTION = 0.1
 AP_TARGET = 0.9
 MARKDOWN_KEY = "instances"
+IGNORED_FOR_RESUME = ("loss", "n_atlases", "candidates_per_target", "backend", "preset", "mixed_precision")
 TITLE = "Instance segmentation: Res-UNet + seeded watershed on touching anisotropic blobs"
 
 
@@ -264,6 +262,12 @@ class InstanceTrainer(Trainer):
     def build_model(self) -> nn.Module:
         return build_instance_network(self.backbone, self.n_modalities)
 
+    def comparable_identity(self, identity: dict) -> dict:
+        """Settings this trainer never reads (the segmentation loss, atlas sampling, the registration backend) and
+        ``mixed_precision`` (bfloat16 autocast on CUDA only: numerics, not the problem) do not block a resume."""
+        training = {k: v for k, v in identity.get("training", {}).items() if k not in IGNORED_FOR_RESUME}
+        return {**identity, "training": training}
+
     def architecture_dict(self) -> dict:
         return {"backbone": self.backbone.to_dict(), "n_modalities": self.n_modalities,
                 "boundary_weight": self.boundary_weight}
@@ -318,12 +322,16 @@ def benchmark_training_config(epochs: int, patch_size: Sequence[int] = (16, 48, 
     """Training of the benchmark: AdamW 2e-3 with a cosine schedule, ``patches_per_target`` patches of
     ``patch_size`` per training case and epoch (two thirds centred on an object), validation every epoch,
     flips (all three axes) and Gaussian noise as augmentation; no histogram shift (it can erase the faint
-    membrane contrast the boundary channel has to find), no elastic / rotation (see :class:`InstanceTrainer`)."""
-    augment = AugmentConfig(histogram_shift_prob=0.0, modality_noise_prob=0.0, flip_prob=0.5, rotate_range=0.0,
+    membrane contrast the boundary channel has to find), no elastic / rotation (see :class:`InstanceTrainer`).
+    Every setting the training reads is written out, so a change of :class:`TrainConfig`'s defaults does not
+    change the benchmark or block resuming its checkpoint."""
+    augment = AugmentConfig(histogram_shift_prob=0.0, histogram_control_points=(4, 7), modality_noise_prob=0.0,
+                            flip_prob=0.5, rotate_range=0.0, elastic_sigma=(5.0, 7.0), elastic_magnitude=(20.0, 60.0),
                             spatial_prob=0.0, noise_prob=0.3, noise_std=0.03)
     return TrainConfig(epochs=int(epochs), n_atlases=0, patch_size=tuple(int(p) for p in patch_size),
-                       patches_per_target=int(patches_per_target), learning_rate=2e-3, schedule="cosine",
-                       val_fraction=val_fraction, seed=int(seed), overlap=0.5, val_interval=1, augment=augment)
+                       foreground_ratio=0.67, patches_per_target=int(patches_per_target), learning_rate=2e-3,
+                       weight_decay=1e-4, schedule="cosine", val_fraction=val_fraction, seed=int(seed), overlap=0.5,
+                       val_interval=1, mixed_precision=False, augment=augment)
 
 
 def default_min_size(atlas_set: AtlasSet, case_ids: Sequence[str], fraction: float = MIN_SIZE_FRACTION) -> int:
@@ -339,11 +347,9 @@ def default_min_size(atlas_set: AtlasSet, case_ids: Sequence[str], fraction: flo
 
 
 def _command(defaults: dict) -> str:
-    if sys.argv and sys.argv[0].endswith("benchmarks/instances.py"):
-        return "python -m atlasseg.benchmarks.instances " + " ".join(shlex.quote(a) for a in sys.argv[1:])
     args = ", ".join(f"{k}={v!r}" for k, v in defaults.items())
-    return f"python -c 'from atlasseg.benchmarks.instances import run_instances_benchmark; " \
-           f"run_instances_benchmark({args})'"
+    return command_line(f"python -c 'from atlasseg.benchmarks.instances import run_instances_benchmark; "
+                        f"run_instances_benchmark({args})'")
 
 
 def _markdown(facts: dict, rows: list[dict]) -> str:
@@ -364,7 +370,8 @@ def _markdown(facts: dict, rows: list[dict]) -> str:
              f"Training: {train['seconds'] / 60:.1f} min ({train['seconds_per_step']:.2f} s per step, validation "
              f"included), peak RSS {train['peak_rss_gib']:.2f} GiB; best validation foreground Dice "
              f"{train['best_val_dice']:.4f}" + (" (trained by an earlier run, reused)" if train["reused"] else "")
-             + "  ",
+             + (f" (resumed: this run trained the last {train['epochs_trained_by_this_run']} epochs; peak RSS of "
+                "those)" if 0 < train.get("epochs_trained_by_this_run", 0) < train["epochs"] else "") + "  ",
              f"Peak RSS of this run: {facts['peak_rss_gib']:.2f} GiB  ",
              f"Post-processing: seeded watershed {json.dumps(WATERSHED)}; connected components of mask > "
              f"{CC_THRESHOLD}; both drop instances under {facts['min_size']} voxels (0.1 x the median training "
@@ -432,6 +439,7 @@ def run_instances_benchmark(work: Path, markdown: Path | None = None, epochs: in
                     "seconds": result.seconds, "seconds_per_step": result.seconds / max(steps_per_epoch *
                                                                                        config.epochs, 1),
                     "peak_rss_gib": peak, "best_val_dice": result.best_val_dice, "reused": reused,
+                    "epochs_trained_by_this_run": result.epochs_run,
                     "threads": saved.get("threads", torch.get_num_threads()) if reused else torch.get_num_threads()}
         if not reused:
             atomic_write_bytes(info_path, json.dumps(training, indent=1).encode())
@@ -469,29 +477,10 @@ def run_instances_benchmark(work: Path, markdown: Path | None = None, epochs: in
             "markdown": body, "model_folder": str(folder), "train_ids": trainer.train_ids, "val_ids": trainer.val_ids}
 
 
-def main(argv: Sequence[str] | None = None) -> dict:
-    """``python -m atlasseg.benchmarks.instances``: the benchmark with its defaults (see the module docstring)."""
-    parser = argparse.ArgumentParser(prog="python -m atlasseg.benchmarks.instances",
-                                     description=__doc__.split("\n")[0])
-    parser.add_argument("--work", type=Path, required=True, help="work folder (phantoms, model, results)")
-    parser.add_argument("--markdown", type=Path, default=None, help="markdown file whose section is replaced")
-    parser.add_argument("--epochs", type=int, default=24)
-    parser.add_argument("--n-train", type=int, default=12)
-    parser.add_argument("--n-test", type=int, default=6)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--patch-size", type=int, nargs=3, default=(16, 48, 48))
-    parser.add_argument("--patches-per-target", type=int, default=4)
-    parser.add_argument("--backbone", default="resunet_h", choices=("resunet_h", "resunet_r"))
-    parser.add_argument("--min-size", type=int, default=None)
-    parser.add_argument("--device", default="auto")
-    args = parser.parse_args(argv)
-    out = run_instances_benchmark(args.work, args.markdown, args.epochs, args.n_train, args.n_test, args.seed,
-                                  patch_size=args.patch_size, patches_per_target=args.patches_per_target,
-                                  backbone=BackboneSpec(args.backbone, "cpu"), min_size=args.min_size,
-                                  device=args.device)
+def run_instances_benchmark_cli(args) -> dict:
+    """Entry point of ``atlasseg benchmark instances`` (defaults: 12 training and 6 test phantoms, 24 epochs)."""
+    work = Path(args.work) if args.work else Path.cwd().parent / "instances_benchmark_work"
+    out = run_instances_benchmark(work, Path(args.markdown), args.epochs or 24, args.train_targets or 12,
+                                  args.targets or 6, device=args.device)
     print(out["markdown"])
     return out
-
-
-if __name__ == "__main__":
-    main()
