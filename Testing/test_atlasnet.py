@@ -22,6 +22,7 @@ from atlasseg.atlasnet import (
     ATLASNET_AUGMENT,
     AtlasNetConfig,
     AtlasNetModel,
+    AtlasNetTrainConfig,
     StoredAtlas,
     dissimilarity_matrix,
     fuse_networks,
@@ -50,8 +51,8 @@ QUIET = {"log": lambda m: None, "show_progress": False}
 
 
 def tiny_training(epochs: int = 1, **kw) -> TrainConfig:
-    return TrainConfig(**{"epochs": epochs, "patch_size": (16, 16, 16), "val_fraction": 0.2, "learning_rate": 3e-3,
-                          "preset": "affine", **kw})
+    return AtlasNetTrainConfig(**{"epochs": epochs, "patch_size": (16, 16, 16), "val_fraction": 0.2,
+                                  "learning_rate": 3e-3, "preset": "affine", **kw})
 
 
 def oblique(angles_deg=(20.0, -12.0, 8.0)) -> tuple[float, ...]:

@@ -104,7 +104,7 @@ def test_registry_lists_every_method_and_its_config_and_implementation():
     assert fusion_method_names() == ["majority", "weighted", "jlf", "staple"]
     for name in method_names(trains=True):
         architecture, training = config_classes(name)
-        assert training is TrainConfig and "n_labels" in architecture.__dataclass_fields__
+        assert issubclass(training, TrainConfig) and "n_labels" in architecture.__dataclass_fields__
         module = implementation(name)
         assert callable(module.train_method) and callable(module.segment_method) and callable(module.build_model)
     assert not METHODS["segmenter"].uses_atlases and METHODS["dlf"].uses_atlases

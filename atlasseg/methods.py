@@ -50,7 +50,7 @@ METHODS: dict[str, MethodInfo] = {m.name: m for m in (
                "atlasseg.training:TrainConfig", "atlasseg.dlf.method", "DeepLabelFusion"),
     MethodInfo("atlasnet", "AtlasNet", "AtlasNet (Vakalopoulou et al. 2018): one network per atlas space, "
                "predictions warped back and fused", True, True, "atlasseg.atlasnet:AtlasNetConfig",
-               "atlasseg.training:TrainConfig", "atlasseg.atlasnet", "AtlasNetSeg"),
+               "atlasseg.atlasnet.train:AtlasNetTrainConfig", "atlasseg.atlasnet", "AtlasNetSeg"),
     MethodInfo("segmenter", "Segmentation network", "a network of the backbone library trained on the images "
                "alone (no atlases at inference)", True, False, "atlasseg.segmenter:SegmenterConfig",
                "atlasseg.training:TrainConfig", "atlasseg.segmenter"),

@@ -25,10 +25,17 @@ from .inference import (
 )
 from .model import ATLASES, AtlasNetConfig, AtlasNetModel, StoredAtlas, build_model, load_atlases, save_atlases
 from .selection import dissimilarity_matrix, k_medoids, local_ncc, select_atlases
-from .train import ATLASNET_AUGMENT, AtlasNetTrainResult, AtlasSpaceTrainer, train_atlasnet, train_method
+from .train import (
+    ATLASNET_AUGMENT,
+    AtlasNetTrainConfig,
+    AtlasNetTrainResult,
+    AtlasSpaceTrainer,
+    train_atlasnet,
+    train_method,
+)
 
-__all__ = ["ATLASES", "ATLASNET_AUGMENT", "AtlasNetConfig", "AtlasNetModel", "AtlasNetPrediction", "AtlasNetResult",
-           "AtlasNetTrainResult", "AtlasSpaceTrainer", "StoredAtlas", "build_model", "choose_networks",
+__all__ = ["ATLASES", "ATLASNET_AUGMENT", "AtlasNetConfig", "AtlasNetTrainConfig", "AtlasNetModel",
+           "AtlasNetPrediction", "AtlasNetResult", "AtlasNetTrainResult", "AtlasSpaceTrainer", "StoredAtlas", "build_model", "choose_networks",
            "dissimilarity_matrix", "fuse_networks", "k_medoids", "load_atlases", "local_ncc", "predict_atlasnet",
            "save_atlases", "segment_atlasnet", "segment_method", "select_atlases", "to_atlas_space",
            "to_target_space", "train_atlasnet", "train_method"]

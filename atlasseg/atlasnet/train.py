@@ -16,9 +16,8 @@ is the identity. Validation cases are pulled into atlas space the same way. Netw
 the training/validation split is the model's, drawn with ``config.seed``.
 
 Augmentation as in the paper: small rotations (+-10 degrees) and translations, no elastic deformation, no flips,
-no intensity changes (:data:`ATLASNET_AUGMENT`; used when the training config carries the generic default
-augmentation). Translations come from the random placement of training patches in the volume (the networks are
-fully convolutional, so a shifted image and a shifted window are the same sample); patches should therefore be
+no intensity changes (:data:`ATLASNET_AUGMENT`, the default of :class:`AtlasNetTrainConfig`). Translations come
+from the random placement of training patches in the volume (the networks are fully convolutional, so a shifted image and a shifted window are the same sample); patches should therefore be
 smaller than the atlas grid. Median-frequency class balancing as in the paper: ``TrainConfig(loss="ce_mfb")``.
 """
 
@@ -35,15 +34,15 @@ import torch
 
 from ..atlas import AtlasSet
 from ..cache import RegistrationCache
-from ..io import Geometry
+from ..io import Geometry, safe_name
 from ..model_io import CONFIG, load_model, save_model
 from ..segmenter import SegmenterConfig, SegmenterTrainer
 from ..training import CHECKPOINT, AugmentConfig, CaseTensors, TrainConfig, TrainingError, TrainResult, split_targets
 from .model import AtlasNetConfig, AtlasNetModel, StoredAtlas, read_json, save_atlases
 from .selection import select_atlases
 
-__all__ = ["ATLASNET_AUGMENT", "AtlasNetTrainResult", "AtlasSpaceTrainer", "atlasnet_training", "network_folder",
-           "train_atlasnet", "train_method"]
+__all__ = ["ATLASNET_AUGMENT", "AtlasNetTrainConfig", "AtlasNetTrainResult", "AtlasSpaceTrainer", "atlasnet_training",
+           "network_folder", "train_atlasnet", "train_method"]
 
 ATLASNET_AUGMENT = AugmentConfig(histogram_shift_prob=0.0, modality_noise_prob=0.0, flip_prob=0.0,
                                  rotate_range=math.radians(10.0), elastic_magnitude=(0.0, 0.0), spatial_prob=0.5,
@@ -52,19 +51,22 @@ ATLASNET_AUGMENT = AugmentConfig(histogram_shift_prob=0.0, modality_noise_prob=0
 deformation, no flips, no intensity augmentation (translations: random patch placement)."""
 
 
+@dataclass
+class AtlasNetTrainConfig(TrainConfig):
+    """:class:`~atlasseg.training.TrainConfig` whose default augmentation is the paper's (:data:`ATLASNET_AUGMENT`);
+    the registry's training config of ``atlasnet``, so ``--print-config`` shows what runs."""
+
+    augment: AugmentConfig = field(default_factory=lambda: replace(ATLASNET_AUGMENT))
+
+
 def atlasnet_training(config: TrainConfig | None) -> TrainConfig:
-    """The training config AtlasNet uses: ``config`` with :data:`ATLASNET_AUGMENT` in place of the generic default
-    augmentation (an augmentation set explicitly, e.g. from a ``--config`` file, is kept)."""
-    config = config or TrainConfig()
-    if config.augment == AugmentConfig():
-        config = replace(config, augment=ATLASNET_AUGMENT)
-    return config
+    """The training config AtlasNet uses (default :class:`AtlasNetTrainConfig`); a given config is used as it is."""
+    return config or AtlasNetTrainConfig()
 
 
 def network_folder(output: str | Path, k: int, atlas_id: str) -> Path:
     """``output/networks/<k>_<atlas id>`` (file-system-safe id)."""
-    safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in str(atlas_id))
-    return Path(output) / "networks" / f"{k}_{safe}"
+    return Path(output) / "networks" / f"{k}_{safe_name(atlas_id)}"
 
 
 class AtlasSpaceTrainer(SegmenterTrainer):
@@ -155,7 +157,7 @@ def train_atlasnet(atlas_set: AtlasSet, output: str | Path, architecture: AtlasN
     Args:
         architecture: the model (default: the atlas set's labels and modalities, 5 networks, k-medoids atlases).
         config: training settings of every network (epochs, patches, loss, ...; ``backend`` / ``preset``: the
-            registration); the generic default augmentation becomes :data:`ATLASNET_AUGMENT`; ``n_atlases`` and
+            registration; default :class:`AtlasNetTrainConfig`, the paper's augmentation); ``n_atlases`` and
             ``candidates_per_target`` (DLF's) are not used: the number of atlases is ``architecture.n_networks``.
         cache_dir: registration cache (default ``output/registration_cache``).
         resume: continue: finished networks are reused, an interrupted one continues from its checkpoint.
