@@ -35,7 +35,8 @@ from .train import (
 )
 
 __all__ = ["ATLASES", "ATLASNET_AUGMENT", "AtlasNetConfig", "AtlasNetTrainConfig", "AtlasNetModel",
-           "AtlasNetPrediction", "AtlasNetResult", "AtlasNetTrainResult", "AtlasSpaceTrainer", "StoredAtlas", "build_model", "choose_networks",
+           "AtlasNetPrediction", "AtlasNetResult", "AtlasNetTrainResult", "AtlasSpaceTrainer", "StoredAtlas",
+           "build_model", "choose_networks",
            "dissimilarity_matrix", "fuse_networks", "k_medoids", "load_atlases", "local_ncc", "predict_atlasnet",
            "save_atlases", "segment_atlasnet", "segment_method", "select_atlases", "to_atlas_space",
            "to_target_space", "train_atlasnet", "train_method"]
