@@ -18,7 +18,8 @@ the training/validation split is the model's, drawn with ``config.seed``.
 Augmentation as in the paper: small rotations (+-10 degrees) and translations, no elastic deformation, no flips,
 no intensity changes (:data:`ATLASNET_AUGMENT`, the default of :class:`AtlasNetTrainConfig`). Translations come
 from the random placement of training patches in the volume (the networks are fully convolutional, so a shifted
-image and a shifted window are the same sample); patches should therefore be smaller than the atlas grid. Median-frequency class balancing as in the paper: ``TrainConfig(loss="ce_mfb")``.
+image and a shifted window are the same sample); patches should therefore be smaller than the atlas grid.
+Median-frequency class balancing as in the paper: ``TrainConfig(loss="ce_mfb")``.
 """
 
 from __future__ import annotations
