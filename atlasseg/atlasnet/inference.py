@@ -27,8 +27,7 @@ from ..io import Geometry, label_pixel_type, tensor_to_image, write_image
 from ..model_io import CONFIG, LoadedModel, ModelFolderError, check_compatible, load_model
 from ..pipeline import SegmentationResult, write_run_record
 from ..progress import Progress
-from ..registration import DisplacementField, Registration, normalized_tensor, register
-from ..registration.transforms import physical_to_normalized
+from ..registration import DisplacementField, Registration, normalized_tensor, register, warp_image
 from ..segmenter import predict
 from .model import FUSIONS, AtlasNetModel, StoredAtlas, load_atlases
 
@@ -40,41 +39,11 @@ __all__ = ["AtlasNetPrediction", "AtlasNetResult", "choose_networks", "fuse_netw
 # warps
 
 
-def _pull(volume: torch.Tensor, moving: Geometry, field: DisplacementField, padding: str,
-          slab_voxels: int = 1 << 22) -> torch.Tensor:
-    """(C, Z, Y, X) on ``moving`` sampled trilinearly at the field's mapped points -> (C, *field grid) float32.
-
-    Points and sampling in float64 (exact at voxel centres under an identity); memory bounded: one channel in
-    float64 at a time, the field's grid in slabs of about ``slab_voxels`` points."""
-    dev = volume.device
-    fixed = field.geometry
-    nz, ny, nx = fixed.shape
-    step = max(1, slab_voxels // (ny * nx))
-    i2p = torch.as_tensor(fixed.index_to_physical(), dtype=torch.float64, device=dev)
-    w2i = torch.as_tensor(moving.physical_to_index(), dtype=torch.float64, device=dev)
-    ys = torch.arange(ny, dtype=torch.float64, device=dev)
-    xs = torch.arange(nx, dtype=torch.float64, device=dev)
-    displacement = field.field.to(dev)
-    out = torch.empty((volume.shape[0], nz, ny, nx), dtype=torch.float32, device=dev)
-    for c in range(volume.shape[0]):
-        channel = volume[c].to(torch.float64)[None, None]
-        for z0 in range(0, nz, step):
-            z1 = min(nz, z0 + step)
-            zz, yy, xx = torch.meshgrid(torch.arange(z0, z1, dtype=torch.float64, device=dev), ys, xs,
-                                        indexing="ij")
-            pts = torch.stack([xx, yy, zz], -1) @ i2p[:3, :3].T + i2p[:3, 3]
-            pts = pts + displacement[:, z0:z1].permute(1, 2, 3, 0).to(torch.float64)
-            grid = physical_to_normalized(pts[None], w2i, volume.shape[1:])
-            out[c, z0:z1] = F.grid_sample(channel, grid, mode="bilinear", padding_mode=padding,
-                                          align_corners=True)[0, 0].float()
-    return out
-
-
 def to_atlas_space(target: torch.Tensor, target_geometry: Geometry, inverse: DisplacementField) -> torch.Tensor:
     """T_i: the normalised target (C, Z, Y, X) pulled onto the atlas grid through the inverse field (on the atlas
     grid, atlas point -> target point, mm) -> (C, Za, Ya, Xa) float32; linear, border values outside the target
     (as the registration cache's ``inverse`` images the networks are trained on)."""
-    return _pull(target, target_geometry, inverse, "border")
+    return warp_image(target, target_geometry, inverse, padding_mode="border", exact=True)
 
 
 def to_target_space(probabilities: torch.Tensor, atlas_geometry: Geometry, forward: DisplacementField
@@ -83,9 +52,9 @@ def to_target_space(probabilities: torch.Tensor, atlas_geometry: Geometry, forwa
     forward field (on the target grid, target point -> atlas point, mm) -> (L, Z, Y, X) float32; linear; where
     the target point falls outside the atlas grid the share outside is background (label index 0); every voxel
     renormalised to sum 1 over labels."""
-    pulled = _pull(probabilities, atlas_geometry, forward, "zeros")
-    inside = _pull(torch.ones((1, *probabilities.shape[1:]), device=probabilities.device), atlas_geometry, forward,
-                   "zeros")[0]
+    pulled = warp_image(probabilities, atlas_geometry, forward, padding_mode="zeros", exact=True)
+    inside = warp_image(torch.ones((1, *probabilities.shape[1:]), device=probabilities.device), atlas_geometry,
+                        forward, padding_mode="zeros", exact=True)[0]
     pulled[0] += 1.0 - inside
     pulled = pulled.clamp(min=0.0)
     return pulled / pulled.sum(0, keepdim=True).clamp(min=1e-12)

@@ -123,12 +123,49 @@ def compose(outer: DisplacementField, inner: DisplacementField) -> DisplacementF
     return DisplacementField(inner.field + d, inner.geometry)
 
 
-def warp_image(image: torch.Tensor, moving: Geometry, transform: DisplacementField,
-               mode: str = "bilinear") -> torch.Tensor:
-    """Pull a moving image (C, Z, Y, X) on ``moving`` onto the transform's fixed grid -> (C, Z', Y', X')."""
+def _warp_exact(volume: torch.Tensor, moving: Geometry, field: DisplacementField, mode: str, padding: str,
+                slab_voxels: int = 1 << 22) -> torch.Tensor:
+    """(C, Z, Y, X) on ``moving`` sampled at the field's mapped points -> (C, *field grid) float32.
+
+    Points and sampling in float64 (exact at voxel centres under an identity); memory bounded: one channel in
+    float64 at a time, the field's grid in slabs of about ``slab_voxels`` points."""
+    dev = volume.device
+    fixed = field.geometry
+    nz, ny, nx = fixed.shape
+    step = max(1, slab_voxels // (ny * nx))
+    i2p = torch.as_tensor(fixed.index_to_physical(), dtype=torch.float64, device=dev)
+    w2i = torch.as_tensor(moving.physical_to_index(), dtype=torch.float64, device=dev)
+    ys = torch.arange(ny, dtype=torch.float64, device=dev)
+    xs = torch.arange(nx, dtype=torch.float64, device=dev)
+    displacement = field.field.to(dev)
+    out = torch.empty((volume.shape[0], nz, ny, nx), dtype=torch.float32, device=dev)
+    for c in range(volume.shape[0]):
+        channel = volume[c].to(torch.float64)[None, None]
+        for z0 in range(0, nz, step):
+            z1 = min(nz, z0 + step)
+            zz, yy, xx = torch.meshgrid(torch.arange(z0, z1, dtype=torch.float64, device=dev), ys, xs,
+                                        indexing="ij")
+            pts = torch.stack([xx, yy, zz], -1) @ i2p[:3, :3].T + i2p[:3, 3]
+            pts = pts + displacement[:, z0:z1].permute(1, 2, 3, 0).to(torch.float64)
+            grid = physical_to_normalized(pts[None], w2i, volume.shape[1:])
+            out[c, z0:z1] = F.grid_sample(channel, grid, mode=mode, padding_mode=padding,
+                                          align_corners=True)[0, 0].float()
+    return out
+
+
+def warp_image(image: torch.Tensor, moving: Geometry, transform: DisplacementField, mode: str = "bilinear",
+               padding_mode: str = "border", exact: bool = False) -> torch.Tensor:
+    """Pull a moving image (C, Z, Y, X) on ``moving`` onto the transform's fixed grid -> (C, Z', Y', X') float32.
+
+    ``padding_mode``: ``"border"`` (edge values outside the moving grid) or ``"zeros"``. ``exact``: points and
+    sampling in float64, one channel and a slab of the grid at a time (an identity transform then reproduces the
+    image to float32 precision, and memory stays bounded); the default float32 path is faster.
+    """
+    if exact:
+        return _warp_exact(image, moving, transform, mode, padding_mode)
     w2i = torch.as_tensor(moving.physical_to_index(), dtype=torch.float32, device=image.device)
     pts = transform.points().to(image.device)
-    return sample(image[None].float(), w2i, pts[None], mode=mode)[0]
+    return sample(image[None].float(), w2i, pts[None], mode=mode, padding_mode=padding_mode)[0]
 
 
 def warp_labels(labels: torch.Tensor, moving: Geometry, transform: DisplacementField,
