@@ -31,7 +31,18 @@ def _one_thread():
 
 def _build(name: str, preset: str = "cpu", in_channels: int = 1, out_channels: int = 3, **kwargs) -> nn.Module:
     torch.manual_seed(0)
+    if name == "vnet" and preset == "cpu":   # 16^3 inputs reach 1^3 at the bottom, where instance norm is undefined
+        kwargs = {"norm": "none", **kwargs}
     return build_backbone(BackboneSpec(name, preset, kwargs), in_channels, out_channels)
+
+
+def test_vnet_cpu_preset_trains_at_the_benchmark_patch_size():
+    """The cpu preset's instance norm needs more than one voxel at the bottom: the hippocampus patch has 2x3x2."""
+    net = build_backbone(BackboneSpec("vnet", "cpu"), 1, 3).train()
+    assert BackboneSpec("vnet", "cpu").resolved_kwargs()["norm"] == "instance"
+    image = torch.randn(1, 1, 32, 48, 32)
+    F.cross_entropy(net(image), torch.randint(0, 3, (1, 32, 48, 32))).backward()
+    assert all(p.grad is not None for p in net.output_layers()[0].parameters())
 
 
 def _blob(n: int = 16) -> tuple[torch.Tensor, torch.Tensor]:
