@@ -40,7 +40,9 @@ def test_registered_with_presets():
     for name in ("resunet_r", "resunet_h"):
         info = BACKBONES[name]
         assert set(info.presets) == {"cpu", "paper"}
-        assert info.presets["paper"]["channels"] == [28, 36, 48, 64, 80]
+        # the authors' widths: Res-UNet-R 28-80 with batch norm; Res-UNet-H (their rsunet) 16-80, no norm, pooling
+        assert info.presets["paper"]["channels"] == ([28, 36, 48, 64, 80] if name == "resunet_r"
+                                                     else [16, 32, 48, 64, 80])
         net = build_backbone(BackboneSpec(name, preset="cpu"), in_channels=1, out_channels=1)
         assert net.boundary_channels == 1
         assert net.size_divisor == (1, 8, 8)
