@@ -100,7 +100,7 @@ def test_config_round_trip_and_validation():
                        ({"n_labels": 1}, "n_labels must be at least 2")]:
         with pytest.raises(ValueError, match=match):
             AtlasNetConfig(**{"n_labels": 5, **bad})
-    with pytest.raises(ValueError, match=r"unknown architecture keys \['atlases'\]"):
+    with pytest.raises(ValueError, match=r"unknown setting\(s\) \['atlases'\]"):
         AtlasNetConfig.from_dict({"n_labels": 5, "atlases": 3})
 
 

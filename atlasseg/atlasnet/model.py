@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import SimpleITK as sitk
@@ -20,6 +20,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file
 from torch import nn
 
+from ..config import dataclass_from, to_dict
 from ..io import Geometry, atomic_save_tensors, sha256, tensor_to_image
 from ..model_io import CONFIG, ModelFolderError
 from ..segmenter import SegmenterConfig, SegmenterNet
@@ -95,15 +96,11 @@ class AtlasNetConfig:
                                dict(self.backbone_kwargs), self.deep_supervision_weights, self.boundary_weight)
 
     def to_dict(self) -> dict:
-        d = asdict(self)
-        return {k: list(v) if isinstance(v, tuple) else v for k, v in d.items()}
+        return to_dict(self)
 
     @classmethod
     def from_dict(cls, d: dict) -> AtlasNetConfig:
-        unknown = sorted(set(d) - {f.name for f in fields(cls)})
-        if unknown:
-            raise ValueError(f"unknown architecture keys {unknown}")
-        return cls(**d)
+        return dataclass_from(cls, d, where="architecture")
 
 
 class AtlasNetModel(nn.Module):

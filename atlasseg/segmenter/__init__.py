@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -21,6 +21,7 @@ from monai.inferers import sliding_window_inference
 from torch import nn
 
 from ..atlas import AtlasSet
+from ..config import dataclass_from, to_dict
 from ..device import resolve_device
 from ..fusion import FusionResult, labels_to_index
 from ..inference import prediction_region, uncrop
@@ -77,15 +78,11 @@ class SegmenterConfig:
         return self.spec().deep_supervision_heads(len(self.deep_supervision_weights))
 
     def to_dict(self) -> dict:
-        d = asdict(self)
-        return {k: list(v) if isinstance(v, tuple) else v for k, v in d.items()}
+        return to_dict(self)
 
     @classmethod
     def from_dict(cls, d: dict) -> SegmenterConfig:
-        unknown = sorted(set(d) - {f.name for f in fields(cls)})
-        if unknown:
-            raise ValueError(f"unknown architecture keys {unknown}")
-        return cls(**d)
+        return dataclass_from(cls, d, where="architecture")
 
 
 class SegmenterNet(nn.Module):
