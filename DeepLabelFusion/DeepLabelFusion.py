@@ -4,6 +4,7 @@ The module is thin: the widget edits a parameter node, and the logic (DeepLabelF
 inputs, runs the headless engine ``atlasseg`` in a background PythonSlicer process and loads its outputs.
 """
 
+import importlib.util
 import logging
 import pathlib
 import sys
@@ -12,7 +13,19 @@ from typing import Annotated
 import qt
 import slicer
 import vtk
-from DeepLabelFusionLib import (
+from slicer import vtkMRMLScalarVolumeNode, vtkMRMLSegmentationNode
+from slicer.parameterNodeWrapper import WithinRange, parameterNodeWrapper
+from slicer.ScriptedLoadableModule import (
+    ScriptedLoadableModule,
+    ScriptedLoadableModuleLogic,
+    ScriptedLoadableModuleTest,
+    ScriptedLoadableModuleWidget,
+)
+from slicer.util import VTKObservationMixin
+
+if importlib.util.find_spec("AtlasSegLib") is None:  # source checkout: the shared library is one folder up
+    sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
+from DeepLabelFusionLib import (  # noqa: E402
     BACKENDS,
     DEVICES,
     MAP_KIND_ATTRIBUTE,
@@ -23,20 +36,9 @@ from DeepLabelFusionLib import (
     FusionInputs,
     FusionLogic,
     FusionSettings,
-    findEngineRoot,
-    missingPipDependencies,
-    torchIsInstalled,
 )
-from DeepLabelFusionLib.engine import TORCH_REQUIREMENT
-from slicer import vtkMRMLScalarVolumeNode, vtkMRMLSegmentationNode
-from slicer.parameterNodeWrapper import WithinRange, parameterNodeWrapper
-from slicer.ScriptedLoadableModule import (
-    ScriptedLoadableModule,
-    ScriptedLoadableModuleLogic,
-    ScriptedLoadableModuleTest,
-    ScriptedLoadableModuleWidget,
-)
-from slicer.util import VTKObservationMixin
+
+from AtlasSegLib import ensureEngineDependencies, findEngineRoot, missingPipDependencies, torchIsInstalled  # noqa: E402
 
 POLL_MILLISECONDS = 200
 
@@ -346,35 +348,8 @@ class DeepLabelFusionLogic(ScriptedLoadableModuleLogic, FusionLogic):
         return DeepLabelFusionParameterNode(super().getParameterNode())
 
     def ensureEngineDependencies(self, askConfirmation: bool = True) -> bool:
-        """Install torch (PyTorch extension) and the engine's pip packages on first use, with confirmation.
-
-        SimpleITK, numpy and vtk are Slicer's own and never installed; pip packages go in without their
-        dependencies so that nothing of Slicer's is replaced.
-        """
-        findEngineRoot()
-        if not torchIsInstalled():
-            try:
-                import PyTorchUtils
-            except ImportError:
-                slicer.util.errorDisplay("Deep Label Fusion needs the PyTorch extension: install 'PyTorch' from "
-                                         "the Extensions Manager and restart Slicer.")
-                return False
-            if PyTorchUtils.PyTorchUtilsLogic().installTorch(askConfirmation=askConfirmation,
-                                                             torchVersionRequirement=TORCH_REQUIREMENT) is None:
-                return False
-        missing = missingPipDependencies()
-        if not missing:
-            return True
-        if askConfirmation and not slicer.util.confirmOkCancelDisplay(
-                "Deep Label Fusion needs these Python packages, which will be downloaded and installed now:\n"
-                + "\n".join(missing), "Install dependencies"):
-            return False
-        with slicer.util.WaitCursor():
-            slicer.util.pip_install(["--no-deps", *missing])
-        still = missingPipDependencies()
-        if still:
-            slicer.util.errorDisplay(f"Could not install {', '.join(still)}; see the Python console.")
-        return not still
+        """Install what the engine needs on first use, after asking (see AtlasSegLib.dependencies)."""
+        return ensureEngineDependencies("Deep Label Fusion", askConfirmation)
 
 
 class DeepLabelFusionTest(ScriptedLoadableModuleTest):

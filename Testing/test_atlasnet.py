@@ -29,6 +29,7 @@ from atlasseg.atlasnet import (
     k_medoids,
     local_ncc,
     predict_atlasnet,
+    rank_medoids,
     segment_atlasnet,
     to_atlas_space,
     to_target_space,
@@ -118,6 +119,33 @@ def test_k_medoids_finds_the_centres_of_clusters():
         k_medoids(d, 10)
 
 
+def test_ranked_medoids_give_good_prefixes():
+    points = np.array([0.0, 0.3, 0.4, 10.0, 10.1, 10.5, 20.0, 20.3, 20.4])
+    d = np.abs(points[:, None] - points[None, :])
+    medoids, cost = k_medoids(d, 3)
+    order, costs = rank_medoids(d, medoids)
+    # the central cluster's medoid alone is the 1-medoid optimum; then the far cluster that lowers the cost most
+    # (20.3 leaves 0.4 instead of 30.4 for its cluster; 0.3 leaves 0.4 instead of 29.6)
+    assert order == [4, 7, 1] and order[0] == k_medoids(d, 1)[0][0]
+    assert costs[0] == pytest.approx(k_medoids(d, 1)[1]) and costs[-1] == pytest.approx(cost)
+    assert costs == pytest.approx([d[4].sum(), d[[4, 7]].min(0).sum(), cost])
+    assert all(a >= b for a, b in zip(costs, costs[1:]))
+    # on a random matrix: prefix costs non-increasing, first = best single medoid, each step the best addition
+    rng = np.random.default_rng(3)
+    x = rng.normal(size=(12, 4))
+    d = np.linalg.norm(x[:, None] - x[None], axis=-1)
+    medoids, cost = k_medoids(d, 5)
+    order, costs = rank_medoids(d, medoids)
+    assert sorted(order) == medoids and costs[-1] == pytest.approx(cost)
+    assert all(a >= b - 1e-12 for a, b in zip(costs, costs[1:]))
+    assert order[0] == min(medoids, key=lambda m: d[m].sum())
+    for k in range(1, 5):
+        best = min(d[order[:k] + [m]].min(0).sum() for m in medoids if m not in order[:k])
+        assert costs[k] == pytest.approx(best)
+    with pytest.raises(ValueError, match="distinct"):
+        rank_medoids(d, [1, 1])
+
+
 def test_local_ncc_and_the_cached_dissimilarities(trained, phantom_set, shared_cache):
     torch.manual_seed(0)
     a = torch.rand(1, 12, 12, 12)
@@ -129,7 +157,9 @@ def test_local_ncc_and_the_cached_dissimilarities(trained, phantom_set, shared_c
     lncc = dissimilarity_matrix(cache, record["candidates"], "lncc")
     np.testing.assert_allclose(lncc, np.asarray(record["matrix"]), atol=1e-5)
     medoids, cost = k_medoids(lncc, 2)
-    assert [record["candidates"][m] for m in medoids] == record["chosen"] and cost == pytest.approx(record["cost"])
+    ranked, prefix_costs = rank_medoids(lncc, medoids)
+    assert [record["candidates"][m] for m in ranked] == record["chosen"] and cost == pytest.approx(record["cost"])
+    assert record["prefix_costs"] == pytest.approx(prefix_costs, abs=1e-5) and "greedy" in record["ranking"]
     dice = dissimilarity_matrix(cache, record["candidates"], "dice")
     assert np.allclose(dice, dice.T) and np.all(np.diag(dice) == 0) and np.all((dice > 0.02) & (dice < 0.8) |
                                                                                np.eye(4, dtype=bool))

@@ -73,7 +73,8 @@ def _run_cli(*args) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "atlasseg", *args], capture_output=True, text=True, timeout=300)
 
 
-@pytest.mark.parametrize("case", ["missing_atlases", "two_modalities", "nan_target", "output_in_atlases",
+@pytest.mark.parametrize("case", ["missing_atlases", "two_modalities", "nan_target", "nan_nifti_target",
+                                  "truncated_target", "blank_target", "tiny_target", "output_in_atlases",
                                   "bad_method"])
 def test_bad_input_exits_2_with_one_line_reason(case, phantom_atlas_dir, target_files, tmp_path):
     target, _ = target_files
@@ -92,6 +93,27 @@ def test_bad_input_exits_2_with_one_line_reason(case, phantom_atlas_dir, target_
         bad.CopyInformation(image)
         sitk.WriteImage(bad, str(tmp_path / "nan.nrrd"))
         extra, expected = ["--target", str(tmp_path / "nan.nrrd")], "nan.nrrd: contains 1 NaN/Inf"
+    elif case == "nan_nifti_target":  # SimpleITK's NIfTI reader turns NaN into 0: checked on the raw bytes
+        image = sitk.ReadImage(str(target), sitk.sitkFloat32)
+        arr = sitk.GetArrayFromImage(image)
+        arr[5, 5, 5], arr[6, 6, 6] = np.nan, np.inf
+        bad = sitk.GetImageFromArray(arr)
+        bad.CopyInformation(image)
+        sitk.WriteImage(bad, str(tmp_path / "nan.nii.gz"))
+        extra, expected = ["--target", str(tmp_path / "nan.nii.gz")], "nan.nii.gz: contains 2 NaN/Inf"
+    elif case == "truncated_target":  # the first bytes of a real file: SimpleITK would zero-fill the rest
+        sitk.WriteImage(sitk.ReadImage(str(target)), str(tmp_path / "whole.nii.gz"))
+        data = (tmp_path / "whole.nii.gz").read_bytes()
+        (tmp_path / "cut.nii.gz").write_bytes(data[: len(data) // 2])
+        extra, expected = ["--target", str(tmp_path / "cut.nii.gz")], "cut.nii.gz: truncated"
+    elif case == "blank_target":
+        blank = sitk.Image(sitk.ReadImage(str(target)).GetSize(), sitk.sitkFloat32) + 7.0
+        sitk.WriteImage(blank, str(tmp_path / "blank.nii.gz"))
+        extra, expected = ["--target", str(tmp_path / "blank.nii.gz")], "blank.nii.gz: blank image (every voxel is 7)"
+    elif case == "tiny_target":
+        sitk.WriteImage(sitk.GetImageFromArray(np.arange(27, dtype=np.float32).reshape(3, 3, 3)),
+                        str(tmp_path / "tiny.nii.gz"))
+        extra, expected = ["--target", str(tmp_path / "tiny.nii.gz")], "tiny.nii.gz: image of 3x3x3 voxels is too small"
     elif case == "output_in_atlases":
         out, expected = str(phantom_atlas_dir / "labelsTr"), "must not be an input"
     args = ["segment", "--atlases", atlases, "--output", out, "--device", "cpu", "--quiet"]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import shutil
 
 import numpy as np
@@ -151,6 +152,25 @@ def test_nan_image_is_rejected_naming_the_file(tmp_path):
     sitk.WriteImage(label, str(tmp_path / "nan_seg.nrrd"))
     with pytest.raises(ImageError, match=r"nan\.nrrd: contains 1 NaN/Inf"):
         load_atlas_set([(tmp_path / "nan.nrrd", tmp_path / "nan_seg.nrrd")])
+
+
+@pytest.mark.parametrize("suffix", [".nii.gz", ".nii", ".mha", ".nrrd"])
+def test_truncated_and_non_finite_files_are_rejected_in_every_format(tmp_path, suffix):
+    """SimpleITK zero-fills a truncated NIfTI and turns NIfTI NaNs into 0 without a word; read_image must not."""
+    image, _ = _case(0)
+    arr = sitk.GetArrayFromImage(image).astype(np.float32)
+    whole = tmp_path / f"whole{suffix}"
+    sitk.WriteImage(sitk.GetImageFromArray(arr), str(whole), True)
+    assert np.array_equal(sitk.GetArrayFromImage(read_image(whole)), arr)  # intact files read as before
+    data = whole.read_bytes()
+    cut = tmp_path / f"cut{suffix}"
+    cut.write_bytes(data[: len(data) * 2 // 3])
+    with pytest.raises(ImageError, match=rf"cut{re.escape(suffix)}: .*(truncated|cut short|expected)"):
+        read_image(cut)
+    arr[2, 3, 4], arr[1, 1, 1] = np.inf, np.nan
+    sitk.WriteImage(sitk.GetImageFromArray(arr), str(tmp_path / f"nan{suffix}"), True)
+    with pytest.raises(ImageError, match=rf"nan{re.escape(suffix)}: contains 2 NaN/Inf"):
+        read_image(tmp_path / f"nan{suffix}")
 
 
 def test_empty_set_and_missing_dataset_json(tmp_path):

@@ -19,7 +19,6 @@ slicer = pytest.importorskip("slicer", reason="slicer-core is not installed (pip
 if not hasattr(slicer, "vtkMRMLScene"):
     pytest.skip("the 'slicer' package found is not slicer-core (no vtkMRMLScene)", allow_module_level=True)
 import vtk  # noqa: E402
-from vtk.util import numpy_support  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "DeepLabelFusion"))
@@ -38,25 +37,24 @@ from DeepLabelFusionLib import (  # noqa: E402
     updateVolumeNodeFromImage,
     volumeNodeToImage,
 )
-from DeepLabelFusionLib.geometry import vtkMatrixToNumpy  # noqa: E402
-from DeepLabelFusionLib.logic import MAP_STYLES, PALETTE  # noqa: E402
 
 from atlasseg.phantom import PHANTOM_LABELS, make_phantom, make_phantom_atlas_set  # noqa: E402
+from AtlasSegLib.geometry import vtkMatrixToNumpy  # noqa: E402
+from AtlasSegLib.results import MAP_STYLES, PALETTE  # noqa: E402
+from Testing.slicer_scene import (  # noqa: E402
+    array_of,
+    dice,
+    label_array_of_segmentation,
+    new_scene,
+    node_ijk_to_ras,
+    segment_names,
+    segmentation_from_labels,
+    snapshot,
+)
 
 PHANTOM_GRID = {"shape": (20, 24, 22), "spacing": (1.6, 1.4, 1.9),
                 "direction": tuple(sitk.VersorTransform((0.2, -0.4, 0.9), 0.35).GetMatrix())}
 FAST = {"preset": "fast", "device": "cpu"}
-
-
-_COLOR_LOGICS = []  # a colour logic removes its default colour nodes when it is deleted: keep them alive
-
-
-def new_scene():
-    scene = slicer.vtkMRMLScene()
-    colors = slicer.vtkMRMLColorLogic()
-    colors.SetMRMLScene(scene)  # Slicer's default colour nodes, as in the application
-    _COLOR_LOGICS.append(colors)
-    return scene
 
 
 def oblique_image(dtype=np.int16) -> sitk.Image:
@@ -67,90 +65,12 @@ def oblique_image(dtype=np.int16) -> sitk.Image:
     return image
 
 
-def node_ijk_to_ras(node) -> np.ndarray:
-    matrix = vtk.vtkMatrix4x4()
-    node.GetIJKToRASMatrix(matrix)
-    return vtkMatrixToNumpy(matrix)
-
-
 def voxel_ras(node, ijk) -> np.ndarray:
     return (node_ijk_to_ras(node) @ np.append(np.asarray(ijk, float), 1.0))[:3]
 
 
 def voxel_lps(image: sitk.Image, ijk) -> np.ndarray:
     return np.asarray(image.TransformContinuousIndexToPhysicalPoint([float(v) for v in ijk]))
-
-
-def array_of(node) -> np.ndarray:
-    data = node.GetImageData()
-    return numpy_support.vtk_to_numpy(data.GetPointData().GetScalars()).reshape(data.GetDimensions()[::-1])
-
-
-def segmentation_from_labels(scene, labels: sitk.Image, names: dict[int, str], name: str, reference_volume=None):
-    """A segmentation node made the way Slicer imports a label image (segment names from a colour table)."""
-    colors = scene.AddNewNodeByClass("vtkMRMLColorTableNode", f"{name} colours")
-    colors.SetTypeToUser()
-    colors.SetNumberOfColors(max(names) + 1)
-    for value, label in names.items():
-        colors.SetColor(value, label, *(np.array(PALETTE[value % len(PALETTE)]) * 0.9), 1.0)
-    labelmap = scene.AddNewNodeByClass("vtkMRMLLabelMapVolumeNode", f"{name} labelmap")
-    updateVolumeNodeFromImage(labelmap, labels)
-    labelmap.CreateDefaultDisplayNodes()
-    labelmap.GetDisplayNode().SetAndObserveColorNodeID(colors.GetID())
-    segmentation = scene.AddNewNodeByClass("vtkMRMLSegmentationNode", name)
-    logic = slicer.vtkSlicerSegmentationsModuleLogic()
-    logic.SetMRMLScene(scene)
-    assert logic.ImportLabelmapToSegmentationNode(labelmap, segmentation)
-    scene.RemoveNode(labelmap)
-    scene.RemoveNode(colors)
-    return segmentation
-
-
-def segment_names(segmentation_node) -> list[str]:
-    seg = segmentation_node.GetSegmentation()
-    return [seg.GetNthSegment(k).GetName() for k in range(seg.GetNumberOfSegments())]
-
-
-def label_array_of_segmentation(scene, segmentation_node, reference_volume, names: dict[int, str]) -> np.ndarray:
-    """Segments -> label values by name, on the reference volume's grid (Slicer's export)."""
-    colors = scene.AddNewNodeByClass("vtkMRMLColorTableNode", "export colours")
-    colors.SetTypeToUser()
-    colors.SetNumberOfColors(max(names) + 1)
-    for value, label in names.items():
-        colors.SetColor(value, label, 0.5, 0.5, 0.5, 1.0)
-    labelmap = scene.AddNewNodeByClass("vtkMRMLLabelMapVolumeNode", "export")
-    ids = vtk.vtkStringArray()
-    seg = segmentation_node.GetSegmentation()
-    for k in range(seg.GetNumberOfSegments()):
-        ids.InsertNextValue(seg.GetNthSegmentID(k))
-    logic = slicer.vtkSlicerSegmentationsModuleLogic()
-    logic.SetMRMLScene(scene)
-    assert logic.ExportSegmentsToLabelmapNode(segmentation_node, ids, labelmap, reference_volume,
-                                              slicer.vtkSegmentation.EXTENT_REFERENCE_GEOMETRY, colors)
-    assert np.allclose(node_ijk_to_ras(labelmap), node_ijk_to_ras(reference_volume), atol=1e-9)
-    array = array_of(labelmap).copy()
-    scene.RemoveNode(labelmap)
-    scene.RemoveNode(colors)
-    return array
-
-
-def dice(a: np.ndarray, b: np.ndarray) -> float:
-    return 2.0 * np.count_nonzero(a & b) / (np.count_nonzero(a) + np.count_nonzero(b))
-
-
-def snapshot(node) -> tuple:
-    """What must not change on a user's input node."""
-    state = [node.GetMTime(), node.GetName()]
-    if node.IsA("vtkMRMLVolumeNode"):
-        state += [node.GetImageData().GetMTime(), node_ijk_to_ras(node).tobytes(), array_of(node).tobytes()]
-    if node.IsA("vtkMRMLSegmentationNode"):
-        seg = node.GetSegmentation()
-        state += [seg.GetMTime(), tuple(segment_names(node)), seg.GetSourceRepresentationName(),
-                  seg.ContainsRepresentation("Closed surface")]
-        for k in range(seg.GetNumberOfSegments()):
-            labelmap = seg.GetNthSegment(k).GetRepresentation("Binary labelmap")
-            state.append(numpy_support.vtk_to_numpy(labelmap.GetPointData().GetScalars()).tobytes())
-    return tuple(state)
 
 
 # ---------------------------------------------------------------------------------------------- geometry

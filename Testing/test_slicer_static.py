@@ -1,15 +1,19 @@
 """Static checks of the Slicer extension: module code compiles, .ui and code agree, CMake lists real files,
-each .ui loads with PySide6's QUiLoader offscreen and renders to a PNG.
+the shared library AtlasSegLib is found installed and in a checkout, each .ui loads with PySide6's QUiLoader
+offscreen and renders to a PNG.
 
-``python Testing/test_slicer_static.py`` rewrites the committed panel screenshot.
+``python Testing/test_slicer_static.py [MODULE ...]`` rewrites the committed panel screenshots.
 """
 
 from __future__ import annotations
 
 import ast
+import json
 import os
 import py_compile
 import re
+import shutil
+import subprocess
 import sys
 import xml.etree.ElementTree as ET
 from pathlib import Path
@@ -17,8 +21,16 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
-MODULES_WITH_GUI = ["DeepLabelFusion"]
-SCREENSHOT = REPO / "DeepLabelFusion" / "Resources" / "Screenshots" / "DeepLabelFusion_panel.png"
+MODULES_WITH_GUI = ["DeepLabelFusion", "AtlasNetSeg"]
+LIBRARY = "AtlasSegLib"
+# per module: the fewest widgets its code should use, and parameters its .ui must bind
+MIN_WIDGETS_USED = {"DeepLabelFusion": 15, "AtlasNetSeg": 12}
+BOUND_PARAMETERS = {"DeepLabelFusion": {"targetVolume", "atlasFolder", "nAtlases", "jlfAlpha"},
+                    "AtlasNetSeg": {"targetVolume", "extraModality1", "modelFolder", "networkSegmentations"}}
+
+
+def screenshot(module: str) -> Path:
+    return REPO / module / "Resources" / "Screenshots" / f"{module}_panel.png"
 
 
 def module_python_files(module: str) -> list[Path]:
@@ -62,7 +74,7 @@ def cmake_list(text: str, variable: str) -> list[str]:
 @pytest.mark.parametrize("module", MODULES_WITH_GUI)
 def test_every_module_python_file_compiles(module, tmp_path):
     files = module_python_files(module)
-    assert len(files) >= 4, files  # module, Lib package (3+ files)
+    assert len(files) >= 3, files  # module, Lib package (2+ files)
     for path in files:
         py_compile.compile(str(path), cfile=str(tmp_path / (path.name + "c")), doraise=True)
 
@@ -71,7 +83,7 @@ def test_every_module_python_file_compiles(module, tmp_path):
 def test_widget_names_used_in_code_exist_in_ui(module):
     names = ui_object_names(ui_file(module))
     used = set(re.findall(r"self\.ui\.(\w+)", (REPO / module / f"{module}.py").read_text()))
-    assert len(used) >= 15, used
+    assert len(used) >= MIN_WIDGETS_USED[module], used
     missing = sorted(used - set(names))
     assert not missing, f"{module}.py uses widgets missing from {module}.ui: {missing}"
 
@@ -80,7 +92,7 @@ def test_widget_names_used_in_code_exist_in_ui(module):
 def test_ui_parameter_names_are_parameter_node_fields(module):
     bound = ui_parameter_names(ui_file(module))
     fields = parameter_node_fields(REPO / module / f"{module}.py")
-    assert {"targetVolume", "atlasFolder", "nAtlases", "jlfAlpha"} <= bound
+    assert BOUND_PARAMETERS[module] <= bound
     assert bound <= fields, f"SlicerParameterName without a parameter: {sorted(bound - fields)}"
 
 
@@ -117,6 +129,82 @@ def test_extension_cmake_metadata_and_files():
         assert module in text and (REPO / module / "CMakeLists.txt").is_file()
     engine_files = cmake_engine_files(text)
     assert "atlasseg/__init__.py" in engine_files and "atlasseg/cli.py" in engine_files
+    assert f"add_subdirectory({LIBRARY})" in text
+
+
+def test_library_cmake_installs_every_file_beside_the_modules():
+    """AtlasSegLib/*.py go to qt-scripted-modules/AtlasSegLib, where the modules import them."""
+    text = (REPO / LIBRARY / "CMakeLists.txt").read_text()
+    listed = cmake_list(text, "ATLASSEGLIB_PYTHON_SCRIPTS")
+    present = sorted(p.relative_to(REPO).as_posix() for p in (REPO / LIBRARY).glob("*.py"))
+    assert sorted(listed) == present
+    assert "ctkMacroCompilePythonScript" in text and "NO_INSTALL_SUBDIR" in text
+    assert "${Slicer_QTSCRIPTEDMODULES_LIB_DIR}" in text and "${Slicer_INSTALL_QTSCRIPTEDMODULES_LIB_DIR}" in text
+
+
+def top_level_names(path: Path) -> set[str]:
+    tree = ast.parse(path.read_text())
+    return {node.name for node in tree.body if isinstance(node, (ast.FunctionDef, ast.ClassDef))}
+
+
+@pytest.mark.parametrize("module", MODULES_WITH_GUI)
+def test_module_libraries_do_not_copy_the_shared_library(module):
+    """One source of truth: nothing AtlasSegLib defines is defined again in a module's Lib package."""
+    shared = set().union(*(top_level_names(p) for p in (REPO / LIBRARY).glob("*.py")))
+    for path in (REPO / module / f"{module}Lib").glob("*.py"):
+        assert not top_level_names(path) & shared, f"{path.name} redefines {sorted(top_level_names(path) & shared)}"
+    assert not (REPO / module / f"{module}Lib" / "engine.py").exists()
+
+
+def library_bootstrap(module: str) -> str:
+    """The module file's statement that puts the repository root on sys.path when AtlasSegLib is missing."""
+    source = (REPO / module / f"{module}.py").read_text()
+    for node in ast.parse(source).body:
+        if isinstance(node, ast.If) and LIBRARY in ast.get_source_segment(source, node.test):
+            return ast.get_source_segment(source, node)
+    raise AssertionError(f"{module}.py has no 'if AtlasSegLib is not importable' statement")
+
+
+def import_as_slicer_would(module_file: Path, cwd: Path) -> dict:
+    """In a fresh interpreter: the module's folder on sys.path (as Slicer puts it), the module file's bootstrap
+    run, then the module's Lib and AtlasSegLib imported. Returns where they came from and the engine root."""
+    module = module_file.stem
+    code = "\n".join([
+        "import importlib.util, json, pathlib, sys",
+        f"__file__ = {str(module_file)!r}",
+        f"sys.path.insert(0, {str(module_file.parent)!r})",
+        "before = list(sys.path)",
+        library_bootstrap(module),
+        f"import AtlasSegLib, {module}Lib",
+        "print(json.dumps({'library': AtlasSegLib.__file__, 'lib': " + module + "Lib.__file__,",
+        "                  'engine': str(AtlasSegLib.findEngineRoot()), 'added': sys.path != before,",
+        "                  'methods': sorted(" + module + "Lib.METHODS)}))"])
+    done = subprocess.run([sys.executable, "-c", code], cwd=cwd, capture_output=True, text=True, timeout=120,
+                          env={k: v for k, v in os.environ.items() if k != "PYTHONPATH"})
+    assert done.returncode == 0, done.stderr
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.parametrize("module", MODULES_WITH_GUI)
+def test_shared_library_and_engine_are_found_in_a_source_checkout(module, tmp_path):
+    found = import_as_slicer_would(REPO / module / f"{module}.py", tmp_path)
+    assert found["added"], "the repository root should have been added to sys.path"
+    assert Path(found["library"]).parent == REPO / LIBRARY and Path(found["engine"]) == REPO
+    assert found["methods"]
+
+
+@pytest.mark.parametrize("module", MODULES_WITH_GUI)
+def test_shared_library_and_engine_are_found_installed_beside_the_modules(module, tmp_path):
+    """The build's layout: qt-scripted-modules/{Module.py, ModuleLib, AtlasSegLib, atlasseg}; sys.path untouched."""
+    installed = tmp_path / "lib" / "Slicer-5.9" / "qt-scripted-modules"
+    ignore = shutil.ignore_patterns("__pycache__")
+    for folder in (REPO / LIBRARY, REPO / "atlasseg", REPO / module / f"{module}Lib"):
+        shutil.copytree(folder, installed / folder.name, ignore=ignore)
+    shutil.copy2(REPO / module / f"{module}.py", installed)
+    found = import_as_slicer_would(installed / f"{module}.py", tmp_path)
+    assert not found["added"], "an installed AtlasSegLib must be used as it is"
+    assert Path(found["library"]).parent == installed / LIBRARY and Path(found["lib"]).parent.parent == installed
+    assert Path(found["engine"]) == installed and found["methods"]
 
 
 def cmake_engine_files(text: str) -> list[str]:
@@ -172,9 +260,9 @@ def test_ui_loads_offscreen_with_base_class_fallback(module):
     assert isinstance(widget.findChild(QWidget, "applyButton"), QPushButton)
 
 
-def render_panel(module: str, png: Path) -> tuple[int, int]:
-    """Render the module panel, Slicer widgets replaced by look-alike Qt widgets and an example state filled in."""
-    qt_app()
+def look_alike_loader():
+    """A QUiLoader that makes look-alike Qt widgets of Slicer's (defined here: PySide6 is imported lazily)."""
+    from PySide6.QtCore import Qt
     from PySide6.QtUiTools import QUiLoader
     from PySide6.QtWidgets import QComboBox, QGroupBox, QLineEdit, QSlider, QTableView, QWidget
 
@@ -184,8 +272,6 @@ def render_panel(module: str, png: Path) -> tuple[int, int]:
 
         def createWidget(self, class_name, parent=None, name=""):
             if class_name == "ctkSliderWidget":
-                from PySide6.QtCore import Qt
-
                 widget = QSlider(Qt.Horizontal, parent)
             elif class_name in self.STAND_INS:
                 widget = self.STAND_INS[class_name](parent)
@@ -194,12 +280,16 @@ def render_panel(module: str, png: Path) -> tuple[int, int]:
             widget.setObjectName(name)
             return widget
 
-    sys.path.insert(0, str(REPO / module))
+    return LookAlikeLoader()
+
+
+def deep_label_fusion_example(panel) -> None:
+    """The state shown in DeepLabelFusion's screenshot: joint label fusion with an atlas folder."""
+    from PySide6.QtWidgets import QComboBox, QLineEdit, QWidget
+
+    sys.path.insert(0, str(REPO / "DeepLabelFusion"))
     from DeepLabelFusionLib import METHODS
 
-    panel = load_ui(ui_file(module), LookAlikeLoader())
-    for box in panel.findChildren(QGroupBox):
-        box.setTitle(str(box.property("text") or ""))
     examples = {"targetVolumeSelector": "case_017 T1", "extraModality1Selector": "None",
                 "extraModality2Selector": "None", "referenceSegmentationSelector": "case_017 manual segmentation",
                 "atlasImageSelector": "None", "atlasSegmentationSelector": "None", "mapSelector": "None",
@@ -211,8 +301,49 @@ def render_panel(module: str, png: Path) -> tuple[int, int]:
     panel.findChild(QLineEdit, "atlasFolderPathLineEdit").setText("/data/atlases/hippocampus")
     for hidden in ("atlasPairsWidget", "modelFolderLabel", "modelFolderPathLineEdit", "progressBar"):
         panel.findChild(QWidget, hidden).hide()
+
+
+def atlasnet_example(panel) -> None:
+    """The state shown in AtlasNetSeg's screenshot: a one-modality model of five networks, after a run."""
+    from PySide6.QtWidgets import QComboBox, QLabel, QLineEdit, QWidget
+
+    sys.path.insert(0, str(REPO / "AtlasNetSeg"))
+    from AtlasNetSegLib import ModelInfo
+
+    from AtlasSegLib import DEVICES
+
+    examples = {"targetVolumeSelector": "case_017 T1", "referenceSegmentationSelector": "None",
+                "mapSelector": "AtlasNet - case_017 T1 network agreement"}
+    for name, text in examples.items():
+        panel.findChild(QComboBox, name).addItem(text)
+    panel.findChild(QComboBox, "deviceComboBox").addItems([d.upper() if d != "auto" else "Auto" for d in DEVICES])
+    panel.findChild(QLineEdit, "modelFolderPathLineEdit").setText("/data/models/atlasnet-hippocampus")
+    model = ModelInfo(Path("atlasnet-hippocampus"), {0: "background", 1: "anterior", 2: "posterior"}, ["MRI"],
+                      ["hippocampus_001", "hippocampus_017", "hippocampus_042", "hippocampus_101", "hippocampus_160"])
+    panel.findChild(QLabel, "modelInfoLabel").setText(model.summary())
+    panel.findChild(QLabel, "targetVolumeLabel").setText("Target volume (MRI):")
+    panel.findChild(QLabel, "statusLabel").setText("Done in 41 s with 5 networks.")
+    for hidden in ("extraModality1Label", "extraModality1Selector", "extraModality2Label", "extraModality2Selector",
+                   "progressBar"):
+        panel.findChild(QWidget, hidden).hide()
+
+
+PANEL_EXAMPLES = {"DeepLabelFusion": deep_label_fusion_example, "AtlasNetSeg": atlasnet_example}
+
+
+def render_panel(module: str, png: Path) -> tuple[int, int]:
+    """Render the module panel, Slicer widgets replaced by look-alike Qt widgets and an example state filled in."""
+    qt_app()
+    from PySide6.QtWidgets import QGroupBox, QSlider, QWidget
+
+    panel = load_ui(ui_file(module), look_alike_loader())
+    for box in panel.findChildren(QGroupBox):
+        box.setTitle(str(box.property("text") or ""))
+    PANEL_EXAMPLES[module](panel)
     panel.findChild(QWidget, "applyButton").setEnabled(True)
-    panel.findChild(QSlider, "mapOpacitySlider").setValue(50)
+    slider = panel.findChild(QSlider, "mapOpacitySlider")   # the .ui's 0..1 range, in hundredths
+    slider.setRange(0, 100)
+    slider.setValue(50)
     panel.resize(440, panel.sizeHint().height() + 40)
     image = panel.grab().toImage()
     png.parent.mkdir(parents=True, exist_ok=True)
@@ -220,21 +351,27 @@ def render_panel(module: str, png: Path) -> tuple[int, int]:
     return image.width(), image.height()
 
 
-def test_panel_renders_to_png(tmp_path):
-    png = tmp_path / "DeepLabelFusion_panel.png"
-    width, height = render_panel("DeepLabelFusion", png)
+MIN_PANEL_HEIGHT = {"DeepLabelFusion": 500, "AtlasNetSeg": 350}
+
+
+@pytest.mark.parametrize("module", MODULES_WITH_GUI)
+def test_panel_renders_to_png(module, tmp_path):
+    png = tmp_path / f"{module}_panel.png"
+    width, height = render_panel(module, png)
     from PySide6.QtGui import QImage
 
     image = QImage(str(png))
     assert (image.width(), image.height()) == (width, height)
-    assert width >= 400 and height >= 500
+    assert width >= 400 and height >= MIN_PANEL_HEIGHT[module]
     colours = {image.pixel(x, y) for x in range(0, width, 7) for y in range(0, height, 7)}
     assert len(colours) > 20, "the rendering is blank"
-    assert SCREENSHOT.is_file(), "commit a rendering: python Testing/test_slicer_static.py"
+    assert screenshot(module).is_file(), "commit a rendering: python Testing/test_slicer_static.py"
 
 
-if __name__ == "__main__":
-    print(render_panel("DeepLabelFusion", SCREENSHOT), SCREENSHOT)
+if __name__ == "__main__":   # python Testing/test_slicer_static.py [MODULE ...]: rewrite the screenshots
+    sys.path.insert(0, str(REPO))
+    for name in sys.argv[1:] or MODULES_WITH_GUI:
+        print(render_panel(name, screenshot(name)), screenshot(name))
 
 
 def test_module_method_backend_and_preset_lists_come_from_the_engine_registry():
@@ -247,3 +384,16 @@ def test_module_method_backend_and_preset_lists_come_from_the_engine_registry():
     expected = {name: m.label for name, m in methods.METHODS.items() if m.slicer_module == "DeepLabelFusion"}
     assert METHODS == expected and list(METHODS) == ["majority", "weighted", "jlf", "staple", "dlf"]
     assert BACKENDS == methods.BACKENDS and PRESETS == methods.REGISTRATION_PRESETS
+
+
+def test_atlasnet_module_lists_come_from_the_engine_registry():
+    """AtlasNetSeg offers the registry's methods for it (AtlasNet) and the shared device choices."""
+    from atlasseg import methods
+
+    sys.path.insert(0, str(REPO / "AtlasNetSeg"))
+    from AtlasNetSegLib import METHODS
+
+    from AtlasSegLib import DEVICES
+
+    assert METHODS == {n: m.label for n, m in methods.METHODS.items() if m.slicer_module == "AtlasNetSeg"}
+    assert list(METHODS) == ["atlasnet"] and list(DEVICES) == ["auto", "cpu", "gpu"]

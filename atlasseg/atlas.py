@@ -19,6 +19,7 @@ import SimpleITK as sitk
 from .io import Geometry, read_image, split_channels
 
 NIFTI_ENDINGS = (".nii.gz", ".nii", ".nrrd", ".mha", ".mhd")
+MIN_AXIS_VOXELS = 8   # smaller grids cannot be registered (pyramids, windows) nor hold an anatomy
 
 
 class AtlasSetError(ValueError):
@@ -129,9 +130,24 @@ def load_modalities(paths: Sequence[Path], n_modalities: int | None = None) -> l
         names = ", ".join(str(p) for p in paths)
         raise AtlasSetError(f"{names}: found {len(channels)} image channel(s), the atlas set needs "
                             f"{n_modalities} (missing or extra modality)")
+    for ch, src in zip(channels, sources):
+        check_image_content(ch, src)
     for ch, src in zip(channels[1:], sources[1:]):
         check_same_grid(channels[0], sources[0], ch, src)
     return channels
+
+
+def check_image_content(image: sitk.Image, path) -> None:
+    """Refuse images nothing sensible can come from: fewer than MIN_AXIS_VOXELS voxels along an axis (too small
+    to register or to hold a structure) or a constant intensity (blank: nothing to register or segment)."""
+    size = image.GetSize()
+    if min(size) < MIN_AXIS_VOXELS:
+        raise AtlasSetError(f"{path}: image of {'x'.join(map(str, size))} voxels is too small (at least "
+                            f"{MIN_AXIS_VOXELS} voxels along every axis)")
+    stats = sitk.MinimumMaximumImageFilter()
+    stats.Execute(image)
+    if stats.GetMinimum() == stats.GetMaximum():
+        raise AtlasSetError(f"{path}: blank image (every voxel is {stats.GetMinimum():g})")
 
 
 def check_same_grid(a: sitk.Image, a_path, b: sitk.Image, b_path) -> None:

@@ -33,7 +33,7 @@ PRESETS = REGISTRATION_PRESETS
 JLF_DEFAULTS = {k: inspect.signature(joint_label_fusion).parameters[k].default
                 for k in ("alpha", "beta", "patch_radius", "search_radius")}
 BENCHMARK_SUITES = ("hippocampus", "fetal", "dlf-hippocampus", "dlf-fetal-sb", "dlf-generalise", "backbones",
-                    "instances")
+                    "instances", "atlasnet", "atlasnet-fetal-sb")
 ARCH_PREFIX = ""      # architecture flags keep their field names (--vote-channels, --backbone, ...)
 # flags of the former dlf-train command, kept working: flag -> (destination field, value or None for "given")
 LEGACY_TRAIN_FLAGS = {"--lr": ("learning_rate", float), "--candidates": ("candidates_per_target", int)}
@@ -123,7 +123,7 @@ def _parser(train_method: str | None = None) -> argparse.ArgumentParser:
     p.add_argument("--device", default="cpu")
     p.add_argument("--work", help="folder for resumable state: per-target rows (classic suites, default "
                                   "../benchmark_work), registration cache and models (dlf suites, default "
-                                  "../dlf_benchmark_work)")
+                                  "../dlf_benchmark_work; atlasnet suites, default ../atlasnet_benchmark_work)")
     p.add_argument("--no-resume", action="store_true", help="classic suites: neither save nor reuse finished "
                                                             "targets")
     p.add_argument("--epochs", type=int, default=None, help="dlf suites: training epochs (default: the suite's)")
@@ -131,9 +131,13 @@ def _parser(train_method: str | None = None) -> argparse.ArgumentParser:
     p.add_argument("--ablations", choices=("retrain", "switch-off", "none"), default="retrain",
                    help="dlf suites: train each ablation (paper), switch parts off in the trained DLF, or only "
                         "DLF and the plain U-Net")
-    p.add_argument("--reduced", action="store_true", help="dlf suites: tiny networks and patches (smoke test)")
+    p.add_argument("--reduced", action="store_true", help="dlf and atlasnet suites: tiny networks and patches "
+                                                          "(smoke test)")
     p.add_argument("--train-data", help="dlf-generalise: atlas set to train on (its cases are the atlases)")
     p.add_argument("--test-data", help="dlf-generalise: atlas set whose cases are the test targets")
+    p.add_argument("--steps", type=int, default=None, help="atlasnet suites: optimisation steps per network "
+                                                           "(default: the suite's, sized for 2 CPU cores)")
+    p.add_argument("--backbone", default=None, help="atlasnet suites: every network's backbone (default unet)")
 
     p = sub.add_parser("demo", help="run every fusion method on a phantom (or --data) and write a PNG")
     p.add_argument("--data", help="a real atlas set folder instead of the generated phantoms")
@@ -284,6 +288,10 @@ def _benchmark(args) -> int:
         from .benchmarks.backbones import run_backbones_benchmark
 
         run_backbones_benchmark(args)
+    elif args.suite.startswith("atlasnet"):
+        from .benchmarks.atlasnet import run_atlasnet_benchmark
+
+        run_atlasnet_benchmark(args)
     elif args.suite == "instances":
         from .benchmarks.instances import run_instances_benchmark_cli
 

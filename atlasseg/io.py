@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import os
 import tempfile
+import zlib
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -123,10 +124,14 @@ def read_image(path: str | os.PathLike, check_finite: bool = True) -> sitk.Image
     path = Path(path)
     if not path.is_file():
         raise ImageError(f"{path}: file not found")
+    if path.name.lower().endswith((".nii", ".nii.gz")):
+        check_nifti_payload(path, check_finite)   # SimpleITK zero-fills a truncated NIfTI and zeroes its NaNs
     try:
         image = sitk.ReadImage(str(path))
     except RuntimeError as err:
         first = str(err).strip().splitlines()[-1] if str(err).strip() else "unreadable"
+        if "No such file" in first:      # MetaImage's words for a data block cut short
+            first = "data missing or cut short: truncated or corrupt file"
         raise ImageError(f"{path}: cannot read image ({first})") from None
     if image.GetDimension() not in (3, 4):
         raise ImageError(f"{path}: expected a 3D (or 4D multi-channel) image, got {image.GetDimension()}D")
@@ -137,6 +142,60 @@ def read_image(path: str | os.PathLike, check_finite: bool = True) -> sitk.Image
             bad = int((~np.isfinite(arr)).sum())
             raise ImageError(f"{path}: contains {bad} NaN/Inf voxel values")
     return image
+
+
+# NIfTI-1 / NIfTI-2 header fields: (offset, dtype) of datatype, bitpix, dim[0..7] and vox_offset
+_NIFTI_FIELDS = {348: ((70, "i2"), (72, "i2"), (40, "i2"), (108, "f4")),
+                 540: ((12, "i2"), (14, "i2"), (16, "i8"), (168, "i8"))}
+_NIFTI_FLOATS = {16: "f4", 64: "f8"}
+
+
+def _nifti_bytes(path: Path) -> bytes:
+    data = path.read_bytes()
+    if not path.name.lower().endswith(".gz"):
+        return data
+    members = []
+    while data:  # one zlib pass per gzip member (faster than the gzip module, and says where it stopped)
+        stream = zlib.decompressobj(31)
+        try:
+            members.append(stream.decompress(data))
+        except zlib.error as err:
+            raise ImageError(f"{path}: corrupt gzip data ({err})") from None
+        if not stream.eof:
+            raise ImageError(f"{path}: truncated: the gzip stream ends before its end marker")
+        data = stream.unused_data
+    return b"".join(members)
+
+
+def check_nifti_payload(path: Path, check_finite: bool = True) -> None:
+    """Fail when a NIfTI file holds fewer voxel bytes than its header declares, or (float data, with
+    ``check_finite``) NaN/Inf voxels: SimpleITK would silently fill the missing part and the NaNs with zeros."""
+    data = _nifti_bytes(path)
+    if len(data) < 348:
+        raise ImageError(f"{path}: truncated NIfTI header ({len(data)} bytes)")
+    for order in "<>":
+        size = int(np.frombuffer(data, f"{order}i4", 1, 0)[0])
+        if size in _NIFTI_FIELDS and len(data) >= size:
+            break
+    else:
+        return  # not a NIfTI header we know: SimpleITK will say what is wrong
+    (dt_at, dt), (bp_at, bp), (dim_at, dim_t), (off_at, off_t) = _NIFTI_FIELDS[size]
+    datatype = int(np.frombuffer(data, f"{order}{dt}", 1, dt_at)[0])
+    bitpix = int(np.frombuffer(data, f"{order}{bp}", 1, bp_at)[0])
+    dim = np.frombuffer(data, f"{order}{dim_t}", 8, dim_at).astype(np.int64)
+    offset = int(np.frombuffer(data, f"{order}{off_t}", 1, off_at)[0])
+    if not 1 <= dim[0] <= 7 or (dim[1:dim[0] + 1] < 1).any() or bitpix <= 0:
+        return
+    count = int(np.prod(dim[1:dim[0] + 1]))
+    needed = offset + count * bitpix // 8
+    if len(data) < needed:
+        raise ImageError(f"{path}: truncated: the header declares {needed} bytes of image data, the file holds "
+                         f"{len(data)}")
+    if check_finite and datatype in _NIFTI_FLOATS:
+        values = np.frombuffer(data, f"{order}{_NIFTI_FLOATS[datatype]}", count, offset)
+        bad = int(count - np.isfinite(values).sum())
+        if bad:
+            raise ImageError(f"{path}: contains {bad} NaN/Inf voxel values")
 
 
 def atomic_write(write: Callable[[str], None], path: str | os.PathLike) -> Path:

@@ -137,10 +137,18 @@ _safe = safe_name
 
 def choose_atlases(atlas_set: AtlasSet, n_atlases: int | None, exclude: Sequence[str] = (), seed: int = 0,
                    atlas_ids: Sequence[str] | None = None) -> list[str]:
-    """The atlases to use: given ids, or ``n_atlases`` drawn with a fixed seed from the sorted pool."""
+    """The atlases to use: given ids, or ``n_atlases`` drawn with a fixed seed from the sorted pool.
+
+    Ids that are not in the set, and an atlas that is both asked for and excluded, are errors (a typo in an
+    exclusion must not silently let the target be its own atlas)."""
+    where = atlas_set.root or atlas_set.name
+    unknown = [a for a in list(atlas_ids or []) + list(exclude) if a not in set(atlas_set.case_ids)]
+    if unknown:
+        raise AtlasSetError(f"{where}: case id(s) {unknown} are not in the atlas set")
     if atlas_ids:
-        for a in atlas_ids:
-            atlas_set.case(a)
+        both = sorted(set(atlas_ids) & set(exclude))
+        if both:
+            raise ValueError(f"atlas id(s) {both} are both requested and excluded")
         return list(atlas_ids)
     pool = sorted(i for i in atlas_set.case_ids if i not in set(exclude))
     if not pool:
@@ -189,6 +197,7 @@ def prepare(target: Sequence[sitk.Image], atlas_set: AtlasSet, n_atlases: int | 
     else:
         loaded = list(atlases)
         ids = [a.case_id for a in loaded]
+    check_target_not_an_atlas(target, loaded, atlas_set)
     timings["load"] = time.perf_counter() - t0
     t0 = time.perf_counter()
     regs = register(target, [a.images for a in loaded], backend=backend, device=dev, preset=preset,
@@ -201,6 +210,19 @@ def prepare(target: Sequence[sitk.Image], atlas_set: AtlasSet, n_atlases: int | 
     timings["warp"] = time.perf_counter() - t0
     return PreparedAtlases(Geometry.of(target[0]), normalized_tensor(target, dev), ids, images, labels, regs,
                            dict(atlas_set.labels), timings)
+
+
+def check_target_not_an_atlas(target: Sequence[sitk.Image], atlases: Sequence[LoadedCase],
+                              atlas_set: AtlasSet) -> None:
+    """A target that is one of its own atlases gets an inflated (near perfect) result: refuse it, naming the
+    atlas, so that the user excludes it. Arrays are compared only where the grids already agree."""
+    geometry = Geometry.of(target[0])
+    for atlas in atlases:
+        image = atlas.images[0]
+        if Geometry.of(image).same_as(geometry) and np.array_equal(
+                sitk.GetArrayViewFromImage(image), sitk.GetArrayViewFromImage(target[0])):
+            raise AtlasSetError(f"{atlas_set.root or atlas_set.name}: atlas '{atlas.case_id}' is the target itself "
+                                f"(identical image); exclude it (--exclude {atlas.case_id})")
 
 
 def fuse_prepared(prepared: PreparedAtlases, method: str, fusion_params: dict | None = None,

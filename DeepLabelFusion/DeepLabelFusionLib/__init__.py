@@ -1,17 +1,25 @@
-"""Qt-free logic of the DeepLabelFusion Slicer module (importable in Slicer and, for tests, with slicer-core)."""
+"""Qt-free logic of the DeepLabelFusion Slicer module (importable in Slicer and, for tests, with slicer-core).
 
-from .engine import (
+What every AtlasSeg module shares (engine process, geometry, result nodes) lives in ``AtlasSegLib``; the names
+below that come from there are re-exported so that console scripts written for this package keep working.
+"""
+
+from AtlasSegLib import (
     EngineCancelled,
     EngineError,
     EngineProcess,
+    GeometryError,
     ProgressEvent,
     findEngineRoot,
+    ijkToRasFromImage,
     missingPipDependencies,
     parseProgressLine,
     readableEngineError,
     torchIsInstalled,
+    updateVolumeNodeFromImage,
+    volumeNodeToImage,
 )
-from .geometry import GeometryError, ijkToRasFromImage, updateVolumeNodeFromImage, volumeNodeToImage
+
 from .logic import (
     BACKENDS,
     DEVICES,

@@ -2,7 +2,11 @@
 
 The paper picks its atlases by hand "to span the variability"; here the N atlases are the medoids of a
 k-medoids clustering (PAM: greedy BUILD, then SWAP until no swap lowers the cost) of a bounded, seeded pool of
-training cases. The dissimilarity of cases i and j is measured after registering i to j with the engine through
+training cases, then ranked (:func:`rank_medoids`) so that every prefix of the list is a good smaller set: the
+first atlas is the medoid of least total dissimilarity to all candidates, each next one the medoid that lowers
+the cost (sum over candidates of the dissimilarity to their nearest chosen atlas) most. Networks are trained in
+that order, so a model used with its first k networks (``segment_atlasnet(n_atlases=k)``) uses the best-ranked k
+atlases. The dissimilarity of cases i and j is measured after registering i to j with the engine through
 the method's :class:`~atlasseg.cache.RegistrationCache`, using the pair (fixed=i, moving=j) with its ``inverse``
 part: case i pulled into j's space, exactly what network j is later trained on, so the registrations of the
 chosen atlases are reused by training. d(i, j) is symmetrised as (d(i->j) + d(j->i)) / 2.
@@ -19,7 +23,11 @@ import torch.nn.functional as F
 from ..cache import RegistrationCache
 from ..training import dice_per_label
 
-__all__ = ["dissimilarity_matrix", "k_medoids", "local_ncc", "select_atlases"]
+__all__ = ["dissimilarity_matrix", "k_medoids", "local_ncc", "rank_medoids", "select_atlases"]
+
+RANKING = ("greedy: first the medoid of least total dissimilarity to all candidates, then each next the medoid "
+           "that lowers the sum over candidates of the dissimilarity to their nearest chosen atlas most "
+           "(ties: lowest candidate index)")
 
 NCC_WINDOW = 7
 
@@ -104,11 +112,38 @@ def k_medoids(d: np.ndarray, k: int, max_iter: int = 100) -> tuple[list[int], fl
     return sorted(medoids), best
 
 
+def rank_medoids(d: np.ndarray, medoids: Sequence[int]) -> tuple[list[int], list[float]]:
+    """Order medoids so that every prefix is a good subset (greedy forward selection among the medoids).
+
+    First the medoid with the least total dissimilarity to all candidates (the 1-medoid cost restricted to the
+    medoids), then repeatedly the medoid whose addition lowers the cost most, the cost of a set S being
+    ``sum_j min_{m in S} d[m, j]`` over all candidates j. Ties go to the lowest candidate index.
+
+    Returns the medoids in that order and the cost of each prefix (non-increasing; the last is the cost of all).
+    """
+    d = np.asarray(d, dtype=float)
+    left = sorted(int(m) for m in medoids)
+    if len(set(left)) != len(left):
+        raise ValueError(f"medoids must be distinct, got {list(medoids)}")
+    order: list[int] = []
+    costs: list[float] = []
+    nearest = np.full(d.shape[0], np.inf)
+    while left:
+        trial = [float(np.minimum(nearest, d[m]).sum()) for m in left]
+        best = left[int(np.argmin(trial))]          # argmin: first (lowest index) among ties
+        order.append(best)
+        costs.append(min(trial))
+        nearest = np.minimum(nearest, d[best])
+        left.remove(best)
+    return order, costs
+
+
 def select_atlases(cache: RegistrationCache, pool: Sequence[str], n: int, kind: str = "lncc", max_pool: int = 20,
                    seed: int = 0, progress: Callable[[float, str], None] | None = None) -> tuple[list[str], dict]:
     """N atlas ids chosen by k-medoids among at most ``max_pool`` cases of ``pool`` (a seeded subset when the
-    pool is larger), and the record kept in the model's ``config.json`` (rule, candidates, matrix, cost, which
-    medoid each candidate belongs to)."""
+    pool is larger), in ranked order (:func:`rank_medoids`: each prefix is a good smaller set), and the record
+    kept in the model's ``config.json`` (rule, candidates, matrix, cost, the ranking rule and each prefix's cost,
+    which medoid each candidate belongs to)."""
     pool = sorted(str(p) for p in pool)
     if n > len(pool):
         raise ValueError(f"n_networks={n} is larger than the pool of {len(pool)} training case(s) to choose "
@@ -122,7 +157,8 @@ def select_atlases(cache: RegistrationCache, pool: Sequence[str], n: int, kind: 
                          f"(selection_pool={max_pool})")
     d = dissimilarity_matrix(cache, candidates, kind, progress)
     medoids, total = k_medoids(d, n)
-    chosen = [candidates[m] for m in medoids]
+    ranked, prefix_costs = rank_medoids(d, medoids)
+    chosen = [candidates[m] for m in ranked]
     off = d[~np.eye(len(candidates), dtype=bool)]
     nearest = np.asarray(medoids)[np.argmin(d[medoids], axis=0)]
     record = {
@@ -130,6 +166,8 @@ def select_atlases(cache: RegistrationCache, pool: Sequence[str], n: int, kind: 
                 "after registration, symmetrised; candidates a seeded subset of the training cases",
         "dissimilarity": kind, "seed": seed, "max_pool": max_pool, "pool_size": len(pool),
         "candidates": candidates, "chosen": chosen, "cost": total,
+        "order": "ranked: chosen[0] is the best single atlas, chosen[:k] the ranked first k", "ranking": RANKING,
+        "prefix_costs": [round(float(c), 6) for c in prefix_costs],
         "summary": {"min": float(off.min()) if off.size else 0.0, "mean": float(off.mean()) if off.size else 0.0,
                     "max": float(off.max()) if off.size else 0.0},
         "matrix": [[round(float(v), 5) for v in row] for row in d],

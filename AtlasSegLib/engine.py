@@ -1,4 +1,4 @@
-"""Running the headless engine (``python -m atlasseg segment ...``) in a background process.
+"""Running the headless engine (``python -m atlasseg ...``) in a background process, for every AtlasSeg module.
 
 The process is started in its own process group so that Cancel stops it and anything it spawned; its
 ``PROGRESS <fraction> <message>`` lines (``ATLASSEG_PROGRESS=lines``) are read by threads and handed to the
@@ -32,6 +32,7 @@ PIP_DEPENDENCIES = (
     ("tqdm", "tqdm>=4.60"),
 )
 STDERR_LINES_KEPT = 400
+DEVICES = {"auto": "auto", "cpu": "cpu", "gpu": "cuda"}   # a panel's device choice -> the engine's --device
 
 
 class EngineError(RuntimeError):
@@ -49,17 +50,16 @@ class ProgressEvent:
 
 
 def findEngineRoot(start: Path | None = None) -> Path:
-    """The folder that contains the ``atlasseg`` package.
+    """The folder that contains the ``atlasseg`` package: the folder above this library's.
 
-    Installed extension: beside the modules (``qt-scripted-modules/atlasseg``); source checkout: the
-    repository root, one level above the module folder.
+    That one rule covers both layouts, because the library and the engine always sit side by side: installed,
+    both are beside the modules (``qt-scripted-modules/AtlasSegLib``, ``qt-scripted-modules/atlasseg``); in a
+    source checkout, both are at the repository root. ``start``: a file inside the library (tests).
     """
-    moduleDir = (start or Path(__file__)).resolve().parents[1]
-    for candidate in (moduleDir, moduleDir.parent):
-        if (candidate / ENGINE_PACKAGE / "__init__.py").is_file():
-            return candidate
-    raise EngineError(f"the engine package '{ENGINE_PACKAGE}' was not found beside {moduleDir}; "
-                      "reinstall the extension")
+    root = (start or Path(__file__)).resolve().parents[1]
+    if (root / ENGINE_PACKAGE / "__init__.py").is_file():
+        return root
+    raise EngineError(f"the engine package '{ENGINE_PACKAGE}' was not found in {root}; reinstall the extension")
 
 
 def engineRegistry():

@@ -1,0 +1,40 @@
+"""The Slicer-side library shared by the AtlasSeg modules (DeepLabelFusion, AtlasNetSeg, DeepAtlasReg).
+
+Qt-free, so it imports in Slicer and, for tests, with the ``slicer-core`` wheel: the engine process with
+progress and cancel (:mod:`.engine`), exact RAS/LPS geometry (:mod:`.geometry`), nodes -> input files
+(:mod:`.inputs`), engine outputs -> nodes (:mod:`.results`), the run and logic base (:mod:`.run`) and the
+first-use dependency installation (:mod:`.dependencies`, needs Slicer only when called).
+
+Installed, it sits beside the modules in ``qt-scripted-modules``; in a source checkout, at the repository root,
+which each module file puts on ``sys.path`` when ``AtlasSegLib`` is not importable otherwise.
+"""
+
+from .dependencies import ensureEngineDependencies
+from .engine import (
+    DEVICES,
+    EngineCancelled,
+    EngineError,
+    EngineProcess,
+    ProgressEvent,
+    engineEnvironment,
+    engineRegistry,
+    findEngineRoot,
+    missingPipDependencies,
+    parseProgressLine,
+    pythonExecutable,
+    readableEngineError,
+    torchIsInstalled,
+)
+from .geometry import GeometryError, ijkToRasFromImage, updateVolumeNodeFromImage, volumeNodeToImage
+from .inputs import segmentationToLabelImage, writeReference, writeVolume
+from .results import MAP_KIND_ATTRIBUTE, MAP_STYLES, PALETTE, MapStyle, showMap
+from .run import EngineLogic, EngineRun, PreparedRun, waitForRun
+
+__all__ = [
+    "DEVICES", "MAP_KIND_ATTRIBUTE", "MAP_STYLES", "PALETTE", "EngineCancelled", "EngineError", "EngineLogic",
+    "EngineProcess", "EngineRun", "GeometryError", "MapStyle", "PreparedRun", "ProgressEvent", "engineEnvironment",
+    "engineRegistry", "ensureEngineDependencies", "findEngineRoot", "ijkToRasFromImage", "missingPipDependencies",
+    "parseProgressLine", "pythonExecutable", "readableEngineError", "segmentationToLabelImage", "showMap",
+    "torchIsInstalled", "updateVolumeNodeFromImage", "volumeNodeToImage", "waitForRun", "writeReference",
+    "writeVolume",
+]
