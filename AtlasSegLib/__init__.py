@@ -2,8 +2,9 @@
 
 Qt-free, so it imports in Slicer and, for tests, with the ``slicer-core`` wheel: the engine process with
 progress and cancel (:mod:`.engine`), exact RAS/LPS geometry (:mod:`.geometry`), nodes -> input files
-(:mod:`.inputs`), engine outputs -> nodes (:mod:`.results`), the run and logic base (:mod:`.run`) and the
-first-use dependency installation (:mod:`.dependencies`, needs Slicer only when called).
+(:mod:`.inputs`), engine outputs -> nodes (:mod:`.results`), the run and logic base (:mod:`.run`), self tests
+that report skips as skips (:mod:`.selftest`) and the first-use dependency installation (:mod:`.dependencies`,
+needs Slicer only when called).
 
 Installed, it sits beside the modules in ``qt-scripted-modules``; in a source checkout, at the repository root,
 which each module file puts on ``sys.path`` when ``AtlasSegLib`` is not importable otherwise.
@@ -29,12 +30,13 @@ from .geometry import GeometryError, ijkToRasFromImage, updateVolumeNodeFromImag
 from .inputs import segmentationToLabelImage, writeReference, writeVolume
 from .results import MAP_KIND_ATTRIBUTE, MAP_STYLES, PALETTE, MapStyle, showMap
 from .run import EngineLogic, EngineRun, PreparedRun, waitForRun
+from .selftest import runSelfTests
 
 __all__ = [
     "DEVICES", "MAP_KIND_ATTRIBUTE", "MAP_STYLES", "PALETTE", "EngineCancelled", "EngineError", "EngineLogic",
     "EngineProcess", "EngineRun", "GeometryError", "MapStyle", "PreparedRun", "ProgressEvent", "engineEnvironment",
     "engineRegistry", "ensureEngineDependencies", "findEngineRoot", "ijkToRasFromImage", "missingPipDependencies",
-    "parseProgressLine", "pythonExecutable", "readableEngineError", "segmentationToLabelImage", "showMap",
-    "torchIsInstalled", "updateVolumeNodeFromImage", "volumeNodeToImage", "waitForRun", "writeReference",
+    "parseProgressLine", "pythonExecutable", "readableEngineError", "runSelfTests", "segmentationToLabelImage",
+    "showMap", "torchIsInstalled", "updateVolumeNodeFromImage", "volumeNodeToImage", "waitForRun", "writeReference",
     "writeVolume",
 ]

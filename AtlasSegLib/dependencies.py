@@ -7,30 +7,49 @@ installed (tests), which has neither.
 
 from __future__ import annotations
 
-from .engine import TORCH_REQUIREMENT, findEngineRoot, missingPipDependencies, torchIsInstalled
+from .engine import (
+    TORCH_REQUIREMENT,
+    engineRequirements,
+    findEngineRoot,
+    missingPipDependencies,
+    requirementsPath,
+    torchIsInstalled,
+    unmetRequirements,
+)
 
 
 def ensureEngineDependencies(moduleTitle: str, askConfirmation: bool = True) -> bool:
-    """Install torch (PyTorch extension) and the engine's pip packages on first use, with confirmation.
+    """Install torch (PyTorch extension) and the engine's pip requirements on first use, with confirmation.
 
-    SimpleITK, numpy and vtk are Slicer's own and never installed; pip packages go in without their
-    dependencies so that nothing of Slicer's is replaced. ``moduleTitle`` names the module in the dialogs, so
-    the user knows which panel asks. Returns whether everything is there now.
+    Versions are checked, not only presence. Where Slicer has ``slicer.packaging`` (preview builds since 2026) its
+    ``pip_ensure`` checks, asks, installs with progress and offers a restart; older Slicer gets
+    ``slicer.util.pip_install`` with ``--no-deps``, which is safe because every requirement's range is checked
+    here and their own dependencies (torch, numpy) are already Slicer's. SimpleITK, numpy and vtk are never
+    installed. ``moduleTitle`` names the module in the dialogs, so the user knows which panel asks.
     """
     import slicer
 
     findEngineRoot()    # a broken installation is reported before anything is downloaded
     if not torchIsInstalled() and not _installTorch(moduleTitle, askConfirmation):
         return False
+    wrongTorch = unmetRequirements([TORCH_REQUIREMENT])
+    if wrongTorch:
+        slicer.util.errorDisplay(f"{moduleTitle} needs {wrongTorch[0]}: update torch in the PyTorch Utils module "
+                                 "and restart Slicer.")
+        return False
     missing = missingPipDependencies()
     if not missing:
         return True
-    if askConfirmation and not slicer.util.confirmOkCancelDisplay(
-            f"{moduleTitle} needs these Python packages, which will be downloaded and installed now:\n"
-            + "\n".join(missing), "Install dependencies"):
-        return False
-    with slicer.util.WaitCursor():
-        slicer.util.pip_install(["--no-deps", *missing])
+    packaging = getattr(slicer, "packaging", None)
+    if packaging is not None and hasattr(packaging, "pip_ensure"):
+        packaging.pip_ensure(packaging.load_requirements(str(requirementsPath())), requester=moduleTitle)
+    else:
+        if askConfirmation and not slicer.util.confirmOkCancelDisplay(
+                f"{moduleTitle} needs these Python packages, which will be downloaded and installed now:\n"
+                + "\n".join(missing), "Install dependencies"):
+            return False
+        with slicer.util.WaitCursor():
+            slicer.util.pip_install(["--no-deps", *engineRequirements()])
     still = missingPipDependencies()
     if still:
         slicer.util.errorDisplay(f"Could not install {', '.join(still)}; see the Python console.")

@@ -22,15 +22,11 @@ from pathlib import Path
 
 ENGINE_PACKAGE = "atlasseg"
 
-# Engine runtime dependencies installed on first use: (import name, pip requirement). torch comes from the
-# PyTorch extension; SimpleITK, numpy and vtk are Slicer's own and never installed.
-TORCH_REQUIREMENT = "torch>=2.4"
-PIP_DEPENDENCIES = (
-    ("monai", "monai>=1.4"),
-    ("picsl_greedy", "picsl-greedy>=1.4"),
-    ("safetensors", "safetensors>=0.4"),
-    ("tqdm", "tqdm>=4.60"),
-)
+# Engine runtime dependencies: torch from the PyTorch extension (this range), the rest from requirements.txt
+# (Resources/requirements.txt in the source tree, installed beside this library). SimpleITK, numpy and vtk are
+# Slicer's own and never installed.
+TORCH_REQUIREMENT = "torch>=2.8"
+REQUIREMENTS_FILE = "requirements.txt"
 STDERR_LINES_KEPT = 400
 DEVICES = {"auto": "auto", "cpu": "cpu", "gpu": "cuda"}   # a panel's device choice -> the engine's --device
 
@@ -83,9 +79,47 @@ def pythonExecutable() -> str:
     return str(beside) if beside.is_file() else sys.executable
 
 
+def requirementsPath() -> Path:
+    """The engine's pip requirements: beside this library when installed, ``Resources/`` in a source checkout."""
+    here = Path(__file__).resolve().parent
+    for candidate in (here / REQUIREMENTS_FILE, here.parent / "Resources" / REQUIREMENTS_FILE):
+        if candidate.is_file():
+            return candidate
+    raise EngineError(f"{REQUIREMENTS_FILE} was not found beside {here}; reinstall the extension")
+
+
+def engineRequirements() -> list[str]:
+    """The requirement lines of :func:`requirementsPath` (comments and blanks dropped)."""
+    lines = (line.split("#", 1)[0].strip() for line in requirementsPath().read_text().splitlines())
+    return [line for line in lines if line]
+
+
+def unmetRequirements(requirements: Sequence[str]) -> list[str]:
+    """Requirements this Python does not satisfy, each with what is installed: ``monai>=1.6,<1.7 (installed
+    1.4.0)`` or ``(not installed)``. Versions are checked, not just presence."""
+    from importlib import metadata
+
+    try:
+        from packaging.requirements import Requirement
+    except ImportError:     # every Python with pip has it vendored
+        from pip._vendor.packaging.requirements import Requirement
+
+    unmet = []
+    for text in requirements:
+        requirement = Requirement(text)
+        try:
+            version = metadata.version(requirement.name)
+        except metadata.PackageNotFoundError:
+            unmet.append(f"{text} (not installed)")
+            continue
+        if not requirement.specifier.contains(version, prereleases=True):
+            unmet.append(f"{text} (installed {version})")
+    return unmet
+
+
 def missingPipDependencies() -> list[str]:
-    """pip requirements of the engine that are not importable in this Python."""
-    return [requirement for module, requirement in PIP_DEPENDENCIES if importlib.util.find_spec(module) is None]
+    """The engine's pip requirements (requirements.txt) that are missing or outside their version range."""
+    return unmetRequirements(engineRequirements())
 
 
 def torchIsInstalled() -> bool:

@@ -2,22 +2,33 @@
 
 Methods, backends and presets come from the registry (:mod:`atlasseg.methods`); training flags are derived from
 each method's config dataclasses (:mod:`atlasseg.config`), so defaults are written once. Bad input ends with exit
-code 2 and a one-line reason on stderr; nothing is written over the inputs.
+code 2 and a one-line reason on stderr, found before any registration; nothing is written over the inputs.
+``segment`` writes its run into a hidden temporary folder beside ``--output`` and moves it into place only when
+it is complete. Ctrl-C or SIGTERM: one line, exit 130 (143 for SIGTERM), no partial output left behind.
+
+This module imports no torch / MONAI / SimpleITK at import time: ``--help``, ``--version`` and errors found in
+the arguments answer at once; the engine is imported inside the commands.
 """
 
 from __future__ import annotations
 
 import argparse
+import ast
+import contextlib
 import dataclasses
-import inspect
+import functools
 import json
+import os
+import secrets
+import shutil
+import signal
 import sys
+import threading
+import time
+from collections.abc import Iterator
 from pathlib import Path
 
-from .atlas import AtlasSetError, load_atlas_set, load_target, read_label
 from .config import add_dataclass_args, dataclass_from, overrides_from_args, read_json_config, to_dict
-from .fusion.jlf import joint_label_fusion
-from .io import ImageError
 from .methods import (
     BACKENDS,
     DATA_FIELDS,
@@ -28,10 +39,33 @@ from .methods import (
     method_names,
 )
 
+
+@functools.cache
+def _source_defaults(relative: str, function: str) -> dict:
+    """Keyword defaults of ``function`` in the engine file ``relative``, read from its source (literal values
+    only): the one place they are written, without importing torch for ``--help``."""
+    tree = ast.parse((Path(__file__).parent / relative).read_text())
+    for node in ast.walk(tree):
+        if isinstance(node, ast.FunctionDef) and node.name == function:
+            a = node.args
+            positional = a.posonlyargs + a.args
+            pairs = list(zip(positional[len(positional) - len(a.defaults):], a.defaults))
+            pairs += [(arg, d) for arg, d in zip(a.kwonlyargs, a.kw_defaults) if d is not None]
+            out = {}
+            for arg, default in pairs:
+                with contextlib.suppress(ValueError, SyntaxError):
+                    out[arg.arg] = ast.literal_eval(default)
+            return out
+    raise LookupError(f"{relative}: no function {function}")
+
+
 PRESETS = REGISTRATION_PRESETS
 # joint label fusion's defaults, read from the function that applies them (no second copy)
-JLF_DEFAULTS = {k: inspect.signature(joint_label_fusion).parameters[k].default
+JLF_DEFAULTS = {k: _source_defaults("fusion/jlf.py", "joint_label_fusion")[k]
                 for k in ("alpha", "beta", "patch_radius", "search_radius")}
+# registration defaults of the methods without a model: those of the pipeline function that applies them
+REGISTRATION_DEFAULTS = {k: _source_defaults("pipeline.py", "segment")[k] for k in ("backend", "preset")}
+MAX_DEFAULT_THREADS = 4
 BENCHMARK_SUITES = ("hippocampus", "fetal", "dlf-hippocampus", "dlf-fetal-sb", "dlf-generalise", "backbones",
                     "instances", "atlasnet", "atlasnet-fetal-sb")
 ARCH_PREFIX = ""      # architecture flags keep their field names (--vote-channels, --backbone, ...)
@@ -41,10 +75,65 @@ LEGACY_SWITCHES = {"--no-weighted-voting": "use_weighted_voting", "--no-finetune
                    "--no-mask": "use_mask"}
 
 
-def _add_registration_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--backend", choices=BACKENDS, default="torch", help="registration backend (default torch)")
+def package_version() -> str:
+    """The installed distribution's version (package metadata), else ``atlasseg.__version__``."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("atlasseg")
+    except PackageNotFoundError:
+        from . import __version__
+
+        return __version__
+
+
+class _VersionAction(argparse.Action):
+    """``--version``: the version is looked up only when asked for."""
+
+    def __init__(self, option_strings, dest=argparse.SUPPRESS, default=argparse.SUPPRESS, help=None):
+        super().__init__(option_strings, dest, nargs=0, default=default, help=help)
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        print(f"atlasseg {package_version()}")
+        parser.exit()
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def default_threads(torch_default: int | None = None) -> int:
+    """Threads when ``--threads`` is not given: ``OMP_NUM_THREADS`` when set (to a positive number), else the
+    physical cores torch found (``torch_default``; else the usable CPUs) but at most 4. Fusion and the networks
+    gain little beyond 4 threads on these volumes, and on a shared machine every extra thread competes with other
+    jobs (joint label fusion took 135 s instead of 2.2 s on a busy 2-core machine; pass --threads 1 there)."""
+    env = os.environ.get("OMP_NUM_THREADS", "").strip()
+    if env.isdigit() and int(env) > 0:
+        return int(env)
+    usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(1, min(torch_default or usable, usable, MAX_DEFAULT_THREADS))
+
+
+def _add_threads_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--threads", type=_positive_int, default=None,
+                   help="CPU threads of torch (default: OMP_NUM_THREADS when set, else the physical cores, at most "
+                        f"{MAX_DEFAULT_THREADS}; on a machine shared with other jobs 1 is often fastest)")
+
+
+def _add_registration_args(p: argparse.ArgumentParser, trained_note: bool = False) -> None:
+    note = "; a trained model: the setting it was trained with" if trained_note else ""
+    p.add_argument("--backend", choices=BACKENDS, default=None,
+                   help=f"registration backend (default {REGISTRATION_DEFAULTS['backend']}{note})")
     p.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, gpu or cuda:N")
-    p.add_argument("--preset", choices=PRESETS, default="default", help="registration quality preset")
+    p.add_argument("--preset", choices=PRESETS, default=None,
+                   help=f"registration quality preset (default {REGISTRATION_DEFAULTS['preset']}{note})")
+    _add_threads_arg(p)
 
 
 def _add_train_args(p: argparse.ArgumentParser, method: str | None, command: str) -> None:
@@ -76,18 +165,27 @@ def _add_train_args(p: argparse.ArgumentParser, method: str | None, command: str
 
 def _parser(train_method: str | None = None) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="atlasseg", description=__doc__.splitlines()[0])
+    parser.add_argument("--version", action=_VersionAction, help="print the version and exit")
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("segment", help="multi-atlas segmentation of one target")
     p.add_argument("--target", nargs="+", required=True, help="target image(s), one per modality")
-    p.add_argument("--atlases", required=True, help="atlas set folder (dataset.json, imagesTr, labelsTr)")
-    p.add_argument("--output", required=True, help="output folder (segmentation.nii.gz, maps/, run.json)")
+    p.add_argument("--atlases", help="atlas set folder (dataset.json, imagesTr, labelsTr); needed by the methods "
+                                     "that register atlases, except atlasnet, whose model folder stores its atlases "
+                                     "(given, it checks the model's labels)")
+    p.add_argument("--output", required=True, help="output folder (segmentation.nii.gz, maps/, run.json); written "
+                                                    "whole: a temporary folder beside it is moved into place when "
+                                                    "the run is complete")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing, non-empty output folder of an "
+                                                            "earlier run (only once the new run is complete)")
     p.add_argument("--method", choices=method_names(), default="jlf",
                    help="fusion method, or a trained method with --model (default jlf)")
     p.add_argument("--model", help="trained model folder (methods that train: "
                                    f"{', '.join(method_names(trains=True))})")
     p.add_argument("--n-atlases", type=int, default=None,
-                   help="atlases drawn with --seed (default 10; for dlf the number the model was trained with)")
+                   help="atlases drawn with --seed (default: up to 10; dlf: the number the model was trained with, "
+                        "at most those available; atlasnet: all its networks); more than are available is an "
+                        "error")
     p.add_argument("--atlas-ids", nargs="*", help="use exactly these atlas case ids")
     p.add_argument("--exclude", nargs="*", default=[], help="case ids never used as atlases (e.g. the target)")
     p.add_argument("--seed", type=int, default=0)
@@ -98,12 +196,14 @@ def _parser(train_method: str | None = None) -> argparse.ArgumentParser:
         p.add_argument(f"--jlf-{name.replace('_', '-')}", type=kind, default=None,
                        help=f"joint label fusion {name} (default {JLF_DEFAULTS[name]}, as antsJointFusion)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
-    _add_registration_args(p)
+    _add_registration_args(p, trained_note=True)
 
     for command in ("train", "dlf-train"):
         p = sub.add_parser(command, help="train a method's model on an atlas set" if command == "train" else
                            "alias of: train --method dlf")
-        _add_train_args(p, train_method if command == "train" else "dlf", command)
+        # a method's flags are built (importing its code) only for the command line that uses them
+        _add_train_args(p, train_method if command == "train" or train_method == "dlf" else None, command)
+        _add_threads_arg(p)
 
     p = sub.add_parser("evaluate", help="metrics of a prediction against a reference")
     p.add_argument("--prediction", required=True)
@@ -121,6 +221,7 @@ def _parser(train_method: str | None = None) -> argparse.ArgumentParser:
     p.add_argument("--markdown", default="BENCHMARKS.md", help="file to update with the results table")
     p.add_argument("--json", help="also write raw per-target results")
     p.add_argument("--device", default="cpu")
+    _add_threads_arg(p)
     p.add_argument("--work", help="folder for resumable state: per-target rows (classic suites, default "
                                   "../benchmark_work), registration cache and models (dlf suites, default "
                                   "../dlf_benchmark_work; atlasnet suites, default ../atlasnet_benchmark_work)")
@@ -149,64 +250,287 @@ def _parser(train_method: str | None = None) -> argparse.ArgumentParser:
     return parser
 
 
-def _check_output(output: Path, inputs: list[Path]) -> None:
+# ------------------------------------------------------------------------------------------------- output folder
+
+
+def _not_an_input(output: Path, inputs: list[Path]) -> None:
+    """The output folder is none of the inputs, lies in none of them and holds none of them."""
     out = output.resolve()
     for path in inputs:
         p = path.resolve()
-        if p == out or (p.is_dir() and (out == p or p in out.parents)):
+        if p == out or (p.is_dir() and p in out.parents):
             raise ValueError(f"{output}: the output folder must not be an input or inside an input folder ({path})")
+        if out in p.parents:
+            raise ValueError(f"{output}: the output folder must not contain an input ({path})")
+
+
+def _check_output_folder(output: Path, inputs: list[Path], overwrite: bool) -> None:
+    """Refuse, before any work: an output that is a file, one that is or holds an input, and a non-empty folder
+    without ``--overwrite`` (with it, only the folder of an earlier run, one with ``run.json``)."""
+    if output.exists() and not output.is_dir():
+        raise ValueError(f"{output}: exists and is a file, not an output folder")
+    _not_an_input(output, inputs)
+    if output.is_dir() and any(output.iterdir()):
+        if not overwrite:
+            raise ValueError(f"{output}: the output folder exists and is not empty (choose another, or pass "
+                             "--overwrite to replace it once the new run is complete)")
+        from .pipeline import RUN_RECORD
+
+        if not (output / RUN_RECORD).is_file():
+            raise ValueError(f"{output}: not the output folder of an earlier run (no {RUN_RECORD}); --overwrite "
+                             "replaces only those: choose another output folder")
+
+
+@contextlib.contextmanager
+def _signals_deferred() -> Iterator[None]:
+    """SIGINT / SIGTERM held back (delivered afterwards) while the output folder is swapped into place."""
+    mask = getattr(signal, "pthread_sigmask", None)
+    if mask is None or threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = mask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
+    try:
+        yield
+    finally:
+        mask(signal.SIG_SETMASK, previous)
+
+
+@contextlib.contextmanager
+def _staged_output(output: Path, overwrite: bool) -> Iterator[Path]:
+    """A fresh hidden folder beside ``output`` (creating it proves the location writable, before any work); on
+    success it becomes ``output`` (an earlier run's folder is replaced only then), on any error or interrupt it is
+    removed, with the parent folders created for it."""
+    final = Path(os.path.abspath(output))
+    created = []
+    ancestor = final.parent
+    while not ancestor.exists():
+        created.append(ancestor)
+        ancestor = ancestor.parent
+    if not ancestor.is_dir():
+        raise ValueError(f"{output}: cannot create the output folder: {ancestor} is a file")
+    staging = final.parent / f".{final.name}.atlasseg-{os.getpid()}-{secrets.token_hex(4)}.tmp"
+    try:
+        final.parent.mkdir(parents=True, exist_ok=True)
+        staging.mkdir()
+    except OSError as err:
+        _remove_empty(created)
+        raise ValueError(f"{output}: cannot write the output folder there ({err.strerror or err})") from None
+    done = False
+    try:
+        yield staging
+        with _signals_deferred():
+            if final.is_dir() and any(final.iterdir()):
+                if not overwrite:
+                    raise ValueError(f"{output}: the output folder appeared during the run; the run is not "
+                                     "moved over it (pass --overwrite)")
+                old = final.parent / f".{final.name}.atlasseg-{os.getpid()}-{secrets.token_hex(4)}.old"
+                os.rename(final, old)
+                os.rename(staging, final)
+                shutil.rmtree(old, ignore_errors=True)
+            else:
+                os.replace(staging, final)      # also over an empty folder
+            done = True
+    finally:
+        if not done:
+            shutil.rmtree(staging, ignore_errors=True)
+            _remove_empty(created)
+
+
+def _remove_empty(folders: list[Path]) -> None:
+    """Remove folders created for the output (deepest first), as long as they are empty."""
+    for folder in folders:
+        try:
+            folder.rmdir()
+        except OSError:
+            return
+
+
+@contextlib.contextmanager
+def _torch_threads(requested: int | None) -> Iterator[int]:
+    """torch's CPU threads for the command (``--threads`` or :func:`default_threads`), restored afterwards."""
+    import torch
+
+    before = torch.get_num_threads()
+    threads = requested or default_threads(before)
+    torch.set_num_threads(threads)
+    try:
+        yield threads
+    finally:
+        torch.set_num_threads(before)
+
+
+# ------------------------------------------------------------------------------------------------------ segment
+
+
+def _check_segment_args(args, method) -> None:
+    """Everything the arguments alone can tell, before importing the engine or touching the output."""
+    for target in args.target:
+        if not Path(target).is_file():
+            raise ValueError(f"{target}: target image {'is a folder' if Path(target).is_dir() else 'not found'}")
+    if args.atlases and not Path(args.atlases).exists():
+        raise ValueError(f"{args.atlases}: atlas set folder not found")
+    if args.reference and not Path(args.reference).is_file():
+        raise ValueError(f"{args.reference}: reference label image not found")
+    if method.trains:
+        if not args.model:
+            raise ValueError(f"--method {args.method} needs --model MODEL_FOLDER (see atlasseg train --method "
+                             f"{args.method})")
+        if not Path(args.model).is_dir():
+            raise ValueError(f"{args.model}: model folder not found")
+    elif args.model:
+        raise ValueError(f"--model is only used with a trained method ({', '.join(method_names(trains=True))})")
+    if method.uses_atlases and not method.trains and not args.atlases:
+        raise ValueError(f"--method {args.method} needs --atlases ATLAS_SET_FOLDER (the atlases it registers and "
+                         "fuses)")
+    if args.n_atlases is not None and args.n_atlases < 1:
+        raise ValueError(f"--n-atlases {args.n_atlases}: at least 1 atlas is needed")
+    if not method.uses_atlases:
+        unused = [flag for flag, value in (("--n-atlases", args.n_atlases), ("--atlas-ids", args.atlas_ids),
+                                           ("--backend", args.backend), ("--preset", args.preset))
+                  if value is not None]
+        if unused:
+            raise ValueError(f"{', '.join(unused)}: method {args.method} uses no atlases and no registration")
+    jlf_given = [f"--jlf-{k.replace('_', '-')}" for k in JLF_DEFAULTS if getattr(args, f"jlf_{k}") is not None]
+    if jlf_given and args.method != "jlf":
+        raise ValueError(f"{', '.join(jlf_given)}: only used with --method jlf")
+
+
+def _check_atlas_count(args, available: list[str], where: str, subset_ok: bool) -> None:
+    """``--n-atlases`` against what there is after ``--exclude`` (or against ``--atlas-ids``). ``subset_ok``:
+    fewer than ``--atlas-ids`` name takes the first of them (atlasnet's networks)."""
+    n = args.n_atlases
+    if n is None:
+        return
+    if args.atlas_ids:
+        if n > len(args.atlas_ids) or (n < len(args.atlas_ids) and not subset_ok):
+            raise ValueError(f"--n-atlases {n} does not match --atlas-ids, which names {len(args.atlas_ids)}")
+        return
+    excluded = sorted(set(args.exclude or []) & set(available))
+    pool = [a for a in available if a not in set(excluded)]
+    if n > len(pool):
+        after = f" after excluding {', '.join(excluded)}" if excluded else ""
+        raise ValueError(f"--n-atlases {n}: only {len(pool)} atlas(es) available in {where}{after}")
+
+
+def _read_reference(path: str, target) -> object:
+    """The reference label image, on the target's grid (else an error naming what differs)."""
+    from .atlas import read_label
+    from .io import Geometry
+
+    reference = read_label(Path(path))
+    diffs = Geometry.of(reference).differences(Geometry.of(target[0]))
+    if diffs:
+        raise ValueError(f"{path}: the reference is not on the target's grid: {'; '.join(diffs)}")
+    return reference
 
 
 def _segment(args) -> int:
+    started = time.perf_counter()
+    method = get_method(args.method)
+    _check_segment_args(args, method)
+    output = Path(args.output)
+    inputs = [Path(p) for p in [*args.target, args.atlases, args.model, args.reference] if p]
+    _check_output_folder(output, inputs, args.overwrite)
+    with _staged_output(output, args.overwrite) as staging, _torch_threads(args.threads) as threads:
+        from .pipeline import staged_run_folder
+
+        with staged_run_folder(staging, output):
+            run, registration = _prepare_segment(args, method)
+            inputs_s = time.perf_counter() - started
+            result = run()
+            metrics = _save_run(args, result, staging, inputs_s, started,
+                                {"threads": threads, "device": args.device, "registration": registration})
+    print(f"segmentation: {output / 'segmentation.nii.gz'}")
+    if metrics is not None:
+        print(" ".join(f"dice[{m['name']}]={m['dice']:.3f}" for m in metrics["labels"].values()))
+    return 0
+
+
+def _prepare_segment(args, method):
+    """Read and check every input (atlas set, model, target, reference, atlas choice): errors come here, before
+    any registration. Returns the run (a callable) and the registration settings it will use."""
+    from .atlas import load_atlas_set, load_target
+
+    atlas_set = load_atlas_set(args.atlases) if args.atlases else None
+    loaded = stored_atlases = None
+    if method.trains:
+        from .model_io import check_compatible, load_model
+
+        loaded = load_model(args.model, "cpu", method=args.method)
+        if isinstance(loaded.config.get("atlases"), dict):        # the model folder stores its atlases
+            stored_atlases = [str(a) for a in loaded.config.get("architecture", {}).get("atlas_ids", [])]
+        if method.uses_atlases and stored_atlases is None and atlas_set is None:
+            raise ValueError(f"--method {args.method} needs --atlases ATLAS_SET_FOLDER (the atlases it registers "
+                             "and fuses)")
+    n_modalities = len(atlas_set.modalities) if atlas_set is not None else len(loaded.modalities)
+    target = load_target(args.target, n_modalities)
+    if loaded is not None:
+        check_compatible(loaded, atlas_set, len(target))
+    args.reference_image = _read_reference(args.reference, target) if args.reference else None
+    registration = None
+    if method.uses_atlases:
+        trained = (loaded.config.get("registration") or {}) if loaded is not None else {}
+        registration = {k: getattr(args, k) or trained.get(k) or REGISTRATION_DEFAULTS[k]
+                        for k in ("backend", "preset")}
+    if stored_atlases is not None:
+        _check_atlas_count(args, stored_atlases, f"model {args.model} (one network each)", subset_ok=True)
+    elif method.uses_atlases:
+        from .pipeline import choose_atlases
+
+        _check_atlas_count(args, list(atlas_set.case_ids), f"atlas set {args.atlases}", subset_ok=False)
+        choose_atlases(atlas_set, args.n_atlases, args.exclude, args.seed, args.atlas_ids)  # unknown ids
+    if loaded is not None:
+        return (lambda: implementation(args.method).segment_method(
+            target, atlas_set, loaded, n_atlases=args.n_atlases, atlas_ids=args.atlas_ids, exclude=args.exclude,
+            backend=args.backend, device=args.device, preset=args.preset, seed=args.seed, maps=args.maps,
+            show_progress=not args.quiet)), registration
+
     from .pipeline import segment
 
-    atlas_set = load_atlas_set(args.atlases)
-    _check_output(Path(args.output), [Path(args.atlases)] + [Path(t) for t in args.target])
-    target = load_target(args.target, len(atlas_set.modalities))
-    method = get_method(args.method)
-    if method.trains:
-        return _segment_trained(args, atlas_set, target)
-    if args.model:
-        raise ValueError(f"--model is only used with a trained method ({', '.join(method_names(trains=True))})")
+    given = {k: getattr(args, k) for k in ("n_atlases", "backend", "preset") if getattr(args, k) is not None}
     params = {}
     if args.method == "jlf":     # only what was given: the defaults live in the fusion code
         params = {k: getattr(args, f"jlf_{k}") for k in JLF_DEFAULTS if getattr(args, f"jlf_{k}") is not None}
-    result = segment(target, atlas_set, method=args.method, n_atlases=args.n_atlases or 10, atlas_ids=args.atlas_ids,
-                     exclude=args.exclude, backend=args.backend, device=args.device, preset=args.preset,
-                     fusion_params=params, seed=args.seed, show_progress=not args.quiet)
-    _write_result(args, atlas_set, result)
-    return 0
+    return (lambda: segment(target, atlas_set, method=args.method, atlas_ids=args.atlas_ids, exclude=args.exclude,
+                            device=args.device, fusion_params=params, seed=args.seed,
+                            show_progress=not args.quiet, **given)), registration
 
 
-def _segment_trained(args, atlas_set, target) -> int:
-    from .model_io import load_model
+def _save_run(args, result, staging: Path, inputs_s: float, started: float, fields: dict) -> dict | None:
+    """Metrics (with ``--reference``), then every output, then ``run.json`` (last) with the timings of all
+    stages: inputs (reading and checking), the method's own (load, registration, warp, fusion / networks),
+    metrics, saving and total."""
+    from .pipeline import amend_run_record
 
-    if not args.model:
-        raise ValueError(f"--method {args.method} needs --model MODEL_FOLDER (see atlasseg train --method "
-                         f"{args.method})")
-    loaded = load_model(args.model, "cpu", method=args.method)
-    result = implementation(args.method).segment_method(
-        target, atlas_set, loaded, n_atlases=args.n_atlases, atlas_ids=args.atlas_ids, exclude=args.exclude,
-        backend=args.backend, device=args.device, preset=args.preset, seed=args.seed, maps=args.maps,
-        show_progress=not args.quiet)
-    _write_result(args, atlas_set, result)
-    return 0
-
-
-def _write_result(args, atlas_set, result) -> None:
-    from .metrics import segmentation_metrics, write_metrics
-
-    reference = read_label(Path(args.reference)) if args.reference else None
-    written = result.save(args.output, maps=args.maps, transforms=args.transforms, reference=reference)
-    print(f"segmentation: {written['segmentation']}")
+    reference = args.reference_image
+    result.timings = {"inputs": inputs_s, **result.timings}
+    files, metrics = {}, None
     if reference is not None:
-        names = {v: n for v, n in atlas_set.labels.items() if v != 0}
+        from .metrics import segmentation_metrics, write_metrics
+
+        t0 = time.perf_counter()
+        names = {v: n for v, n in result.label_names.items() if v != 0}
         metrics = segmentation_metrics(result.segmentation, reference, names)
-        write_metrics(metrics, Path(args.output) / "metrics.json")
-        print(" ".join(f"dice[{n}]={metrics['labels'][v]['dice']:.3f}" for v, n in names.items()))
+        files["metrics"] = str(write_metrics(metrics, staging / "metrics.json"))
+        result.timings["metrics"] = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    result.save(staging, maps=args.maps, transforms=args.transforms, reference=reference)
+    saving = time.perf_counter() - t0
+    amend_run_record(staging, {**{k: v for k, v in fields.items() if v is not None}, "files": files,
+                               "timings_s": {"saving": saving, "total": time.perf_counter() - started}})
+    return metrics
+
+
+# ------------------------------------------------------------------------------------------------ other commands
 
 
 def _evaluate(args) -> int:
+    for path in (args.prediction, args.reference):
+        if not Path(path).is_file():
+            raise ValueError(f"{path}: file not found")
+    if args.labels and not Path(args.labels).is_file():
+        raise ValueError(f"{args.labels}: file not found")
+    from .atlas import read_label
     from .metrics import metrics_table, segmentation_metrics, write_metrics
 
     names = None
@@ -225,11 +549,19 @@ def _evaluate(args) -> int:
 
 
 def _demo(args) -> int:
+    if args.preset is not None:
+        raise ValueError("--preset: the demo registers with the default preset (not configurable)")
+    if args.data and not Path(args.data).exists():
+        raise ValueError(f"{args.data}: atlas set folder not found")
+    if args.n_atlases is not None and args.n_atlases < 1:
+        raise ValueError(f"--n-atlases {args.n_atlases}: at least 1 atlas is needed")
     from .demo import run_demo
 
-    n = args.n_atlases or (10 if args.data else 8)
-    run_demo(args.output, data=args.data, n_atlases=n, backend=args.backend, device=args.device, seed=args.seed,
-             show_progress=not args.quiet)
+    n = args.n_atlases if args.n_atlases is not None else (10 if args.data else 8)
+    given = {"backend": args.backend} if args.backend is not None else {}
+    with _torch_threads(args.threads):
+        run_demo(args.output, data=args.data, n_atlases=n, device=args.device, seed=args.seed,
+                 show_progress=not args.quiet, **given)
     return 0
 
 
@@ -253,8 +585,12 @@ def _train_configs(args, method: str, atlas_set=None) -> tuple[object | dict, ob
 
 
 def _train(args) -> int:
+    if args.atlases and not Path(args.atlases).exists():
+        raise ValueError(f"{args.atlases}: atlas set folder not found")
     method = args.method
     if args.print_config:
+        from .atlas import load_atlas_set
+
         arch, training = _train_configs(args, method, load_atlas_set(args.atlases) if args.atlases else None)
         if not args.atlases:   # show every architecture default, not only the ones given
             architecture_cls, _ = config_classes(method)
@@ -268,38 +604,46 @@ def _train(args) -> int:
         return 0
     if not args.atlases or not args.output:
         raise ValueError("training needs --atlases ATLAS_SET_FOLDER and --output MODEL_FOLDER")
+    if Path(args.output).exists() and not Path(args.output).is_dir():
+        raise ValueError(f"{args.output}: exists and is a file, not a model folder")
+    _not_an_input(Path(args.output), [Path(args.atlases)])
+    from .atlas import load_atlas_set
+
     atlas_set = load_atlas_set(args.atlases)
-    _check_output(Path(args.output), [Path(args.atlases)])
     arch, training = _train_configs(args, method, atlas_set)
-    result = implementation(method).train_method(atlas_set, args.output, arch, training, device=args.device,
-                                                 resume=args.resume, cache_dir=args.cache,
-                                                 show_progress=not args.quiet)
+    with _torch_threads(args.threads):
+        result = implementation(method).train_method(atlas_set, args.output, arch, training, device=args.device,
+                                                     resume=args.resume, cache_dir=args.cache,
+                                                     show_progress=not args.quiet)
     print(f"model: {result.folder} (method {method}, best validation Dice {result.best_val_dice:.4f}, "
           f"{result.seconds / 60:.1f} min)")
     return 0
 
 
 def _benchmark(args) -> int:
-    if args.suite.startswith("dlf-"):
-        from .benchmarks.dlf import run_dlf_benchmark
+    if args.data and not Path(args.data).exists():
+        raise ValueError(f"{args.data}: data folder not found")
+    with _torch_threads(args.threads):
+        if args.suite.startswith("dlf-"):
+            from .benchmarks.dlf import run_dlf_benchmark
 
-        run_dlf_benchmark(args)
-    elif args.suite == "backbones":
-        from .benchmarks.backbones import run_backbones_benchmark
+            run_dlf_benchmark(args)
+        elif args.suite == "backbones":
+            from .benchmarks.backbones import run_backbones_benchmark
 
-        run_backbones_benchmark(args)
-    elif args.suite.startswith("atlasnet"):
-        from .benchmarks.atlasnet import run_atlasnet_benchmark
+            run_backbones_benchmark(args)
+        elif args.suite.startswith("atlasnet"):
+            from .benchmarks.atlasnet import run_atlasnet_benchmark
 
-        run_atlasnet_benchmark(args)
-    elif args.suite == "instances":
-        from .benchmarks.instances import run_instances_benchmark_cli
+            run_atlasnet_benchmark(args)
+        elif args.suite == "instances":
+            from .benchmarks.instances import run_instances_benchmark_cli
 
-        run_instances_benchmark_cli(args)
-    else:
-        from .benchmarks.classic import run_benchmark
+            run_instances_benchmark_cli(args)
+        else:
+            from .benchmarks.classic import run_benchmark
 
-        run_benchmark(args)
+            run_benchmark(args)
     return 0
 
 
@@ -327,8 +671,47 @@ def _train_method_in(argv: list[str]) -> str | None:
     return None
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised like Ctrl-C so that every ``finally`` (temporary folders) runs."""
+
+
+def _raise_terminated(signum, frame):
+    raise Terminated()
+
+
+@contextlib.contextmanager
+def _interrupt_handlers() -> Iterator[None]:
+    """SIGTERM raises :class:`Terminated`; SIGINT raises KeyboardInterrupt (unless it was ignored when we
+    started, as for background jobs). The previous handlers come back afterwards (``main`` runs in tests too)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = {}
+    for signum, handler in ((signal.SIGTERM, _raise_terminated), (signal.SIGINT, signal.default_int_handler)):
+        current = signal.getsignal(signum)
+        if current is not signal.SIG_IGN:
+            previous[signum] = signal.signal(signum, handler)
+    try:
+        yield
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler if handler is not None else signal.SIG_DFL)
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    command = next((a for a in argv if not a.startswith("-")), "")
+    with _interrupt_handlers():
+        try:
+            return _main(argv)
+        except KeyboardInterrupt as err:
+            terminated = isinstance(err, Terminated)
+            _error_line(f"atlasseg{' ' + command if command else ''}: "
+                        f"{'terminated' if terminated else 'interrupted'}")
+            return 128 + (signal.SIGTERM if terminated else signal.SIGINT)
+
+
+def _main(argv: list[str]) -> int:
     method = _train_method_in(argv)
     args = _parser(method).parse_args(argv)
     if args.command in ("train", "dlf-train"):
@@ -347,13 +730,16 @@ def main(argv: list[str] | None = None) -> int:
                 "train": _train, "dlf-train": _train}
     try:
         return handlers[args.command](args)
-    except (AtlasSetError, ImageError, ValueError, FileExistsError, FileNotFoundError, KeyError) as err:
+    except (ValueError, FileExistsError, FileNotFoundError, KeyError) as err:   # AtlasSetError, ImageError, ...
         message = str(err).strip().strip("'\"") or err.__class__.__name__
-        print(f"atlasseg {args.command}: error: {message.splitlines()[0]}", file=sys.stderr)
+        _error_line(f"atlasseg {args.command}: error: {message.splitlines()[0]}")
         return 2
-    except KeyboardInterrupt:
-        print(f"atlasseg {args.command}: interrupted", file=sys.stderr)
-        return 130
+
+
+def _error_line(line: str) -> None:
+    """One line on stderr; on a terminal it first clears a progress bar being drawn on the current line."""
+    clear = "\r\033[K" if sys.stderr.isatty() else ""
+    print(f"{clear}{line}", file=sys.stderr)
 
 
 if __name__ == "__main__":

@@ -6,8 +6,10 @@ The one pipeline used by the CLI, the Slicer modules and the benchmarks.
 from __future__ import annotations
 
 import json
+import os
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -123,13 +125,56 @@ RUN_VERSION = 1
 RUN_RECORD = "run.json"
 
 
+_STAGED: dict[str, Path] = {}     # a run folder being written (absolute path) -> the folder it becomes
+
+
+@contextmanager
+def staged_run_folder(staging: str | Path, final: str | Path) -> Iterator[Path]:
+    """While a run is written into ``staging`` (a temporary folder that the caller renames to ``final`` once the
+    run is complete), ``run.json`` records its files at their paths under ``final``."""
+    key = os.path.abspath(staging)
+    _STAGED[key] = Path(final)
+    try:
+        yield Path(staging)
+    finally:
+        _STAGED.pop(key, None)
+
+
+def _final_files(out_dir: str | Path, files: dict) -> dict:
+    """``files`` with the paths under a staged ``out_dir`` moved to the folder it becomes (others unchanged)."""
+    staging = os.path.abspath(out_dir)
+    final = _STAGED.get(staging)
+    if final is None:
+        return files
+    moved = {}
+    for key, value in files.items():
+        path = os.path.abspath(str(value))
+        inside = os.path.commonpath([path, staging]) == staging
+        moved[key] = str(final / os.path.relpath(path, staging)) if inside else value
+    return moved
+
+
 def write_run_record(out_dir: str | Path, fields: dict) -> Path:
     """Write ``run.json`` atomically: ``format`` ("atlasseg-run"), ``version`` (1), ``success`` (true: written
     last, after every output file), ``method``, ``model`` (a trained method's model folder, else absent),
     ``atlases`` (ids, in order), ``labels`` (value -> name), ``timings_s`` (stage -> seconds) and ``files``
-    (output name -> path). Documented in README.md ("run.json")."""
+    (output name -> path; for a folder written through :func:`staged_run_folder`, the paths it will have).
+    Documented in README.md ("run.json")."""
     record = {"format": RUN_FORMAT, "version": RUN_VERSION, "success": True, **fields}
+    if isinstance(record.get("files"), dict):
+        record["files"] = _final_files(out_dir, record["files"])
     return atomic_write_bytes(Path(out_dir) / RUN_RECORD, json.dumps(record, indent=2, default=str).encode())
+
+
+def amend_run_record(out_dir: str | Path, fields: dict) -> Path:
+    """Add ``fields`` to a written ``run.json`` (dicts such as ``timings_s`` and ``files`` are merged), rewritten
+    atomically: the caller's last step, so ``run.json`` stays the last file written."""
+    path = Path(out_dir) / RUN_RECORD
+    record = json.loads(path.read_text())
+    for key, value in fields.items():
+        record[key] = {**record[key], **value} if isinstance(value, dict) and isinstance(record.get(key), dict) \
+            else value
+    return write_run_record(out_dir, {k: v for k, v in record.items() if k not in ("format", "version", "success")})
 
 
 _safe = safe_name

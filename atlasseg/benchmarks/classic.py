@@ -239,7 +239,20 @@ def _ratios(summary: dict, names: dict) -> list[str]:
     return out
 
 
+def check_ants(with_ants: bool) -> None:
+    """The antspyx peer needs the ``ants`` module: without it, fail at the start (not after the first target's
+    registrations) and say what to do."""
+    if not with_ants:
+        return
+    try:
+        import ants  # noqa: F401
+    except (ImportError, OSError) as err:
+        raise ValueError(f"antspyx is not installed (cannot import 'ants': {err}): install it (pip install antspyx, "
+                         "or pip install -e '.[bench]') or pass --no-ants to skip the antspyx peer") from None
+
+
 def run_benchmark(args) -> dict:
+    check_ants(not args.no_ants)
     name = args.suite.replace("fetal", "fetal-sb")
     data = require_data(Path(args.data) if args.data else shared_data(name), name)
     backends = ["torch"] + ([] if args.no_greedy else ["greedy"])
