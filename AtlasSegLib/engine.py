@@ -2,7 +2,10 @@
 
 The process is started in its own process group so that Cancel stops it and anything it spawned; its
 ``PROGRESS <fraction> <message>`` lines (``ATLASSEG_PROGRESS=lines``) are read by threads and handed to the
-caller through :meth:`EngineProcess.progressEvents`, so a GUI can poll from a timer without blocking.
+caller through :meth:`EngineProcess.progressEvents`, and every output line through
+:meth:`EngineProcess.newLogLines`, so a GUI can poll from a timer without blocking. Cancel has a blocking form
+(:meth:`EngineProcess.cancel`, console and tests) and one for GUIs (:meth:`EngineProcess.requestCancel`) that
+returns at once and leaves the kill after the grace period to a watchdog thread.
 """
 
 from __future__ import annotations
@@ -16,7 +19,7 @@ import signal
 import subprocess
 import sys
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -28,6 +31,8 @@ ENGINE_PACKAGE = "atlasseg"
 TORCH_REQUIREMENT = "torch>=2.8"
 REQUIREMENTS_FILE = "requirements.txt"
 STDERR_LINES_KEPT = 400
+LOG_LINES_KEPT = 5000         # lines waiting for newLogLines(); the oldest go first when nobody reads them
+CANCEL_GRACE_SECONDS = 5.0    # after terminate, the engine gets this long to stop before it is killed
 DEVICES = {"auto": "auto", "cpu": "cpu", "gpu": "cuda"}   # a panel's device choice -> the engine's --device
 
 
@@ -147,7 +152,12 @@ def parseProgressLine(line: str) -> ProgressEvent | None:
 
 
 def readableEngineError(returnCode: int, stderrLines: Sequence[str]) -> str:
-    """One readable sentence for a failed run, from the exit code and the engine's stderr."""
+    """One readable sentence for a failed run, from the exit code and the engine's stderr.
+
+    The CLI's own one-line reason wins; otherwise the tail of the log is searched, not just its last line, since
+    torch follows a CUDA error with hint lines ("CUDA kernel errors might be asynchronously reported ...") and warns
+    about an unsupported GPU long before it fails.
+    """
     lines = [line.strip() for line in stderrLines if line.strip()]
     for line in reversed(lines):  # the CLI's own one-line reason: "atlasseg segment: error: ..."
         if line.startswith(f"{ENGINE_PACKAGE} ") and ": error: " in line:
@@ -155,23 +165,46 @@ def readableEngineError(returnCode: int, stderrLines: Sequence[str]) -> str:
     if returnCode < 0:
         return (f"the engine process was stopped by signal {-returnCode}; the computer may have run out of "
                 "memory (try fewer atlases or the CPU device)")
-    last = lines[-1] if lines else f"exit code {returnCode}"
-    if "out of memory" in last.lower():
-        return f"the GPU ran out of memory ({last}); choose Device: CPU or fewer atlases"
-    if last.startswith("ModuleNotFoundError"):
-        return f"a dependency of the engine is missing ({last}); open the module again to install it"
-    return f"the engine stopped unexpectedly: {last} (full log in the Python console)"
+    reason = _exceptionLine(lines) or (lines[-1] if lines else f"exit code {returnCode}")
+    tail = " ".join(lines[-40:]).lower()
+    if "out of memory" in tail:
+        return (f"the GPU ran out of memory ({reason}); choose Device: CPU, fewer atlases, or train with smaller "
+                "patches")
+    if "no kernel image is available" in tail or (
+            "not compatible with the current pytorch" in tail and "cuda" in reason.lower()):
+        return ("the installed torch build does not support this GPU (no kernel image for it); choose Device: CPU, "
+                "or install a torch build for this GPU in the PyTorch Utils module and restart Slicer")
+    lower = reason.lower()
+    if "cuda" in lower and ("error" in lower or "driver" in lower):
+        return f"the GPU failed ({reason}); choose Device: CPU (a GPU driver update may fix it)"
+    if reason.startswith("ModuleNotFoundError"):
+        return f"a dependency of the engine is missing ({reason}); open the module again to install it"
+    return f"the engine stopped unexpectedly: {reason} (full log in the Python console)"
+
+
+def _exceptionLine(lines: Sequence[str]) -> str | None:
+    """The last ``SomeError: message`` line of a traceback (the exception itself, not torch's hints after it)."""
+    for line in reversed(lines[-40:]):
+        head = line.split(":", 1)[0]
+        if ":" in line and " " not in head and (head.endswith("Error") or head.endswith("Exception")):
+            return line
+    return None
 
 
 class EngineProcess:
-    """A running engine command: non-blocking progress, cancel of the whole process tree, captured stderr."""
+    """A running engine command: non-blocking progress and log, cancel of the whole process tree, captured stderr."""
 
     def __init__(self, command: Sequence[str], env: dict[str, str] | None = None, cwd: str | None = None):
         self.command = list(command)
         self._events: queue.Queue[ProgressEvent] = queue.Queue()
         self.stdoutLines: collections.deque[str] = collections.deque(maxlen=STDERR_LINES_KEPT)
         self.stderrLines: collections.deque[str] = collections.deque(maxlen=STDERR_LINES_KEPT)
+        self._log: collections.deque[str] = collections.deque(maxlen=LOG_LINES_KEPT)
+        self._logLock = threading.Lock()
         self.cancelled = False
+        self._watchdog: threading.Thread | None = None
+        self._onStopped: list[Callable[[], None]] = []
+        self._stoppedLock = threading.RLock()   # an onStopped callback may request a cancel again
         self._process = subprocess.Popen(
             self.command, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env,
             cwd=cwd, text=True, encoding="utf-8", errors="replace", bufsize=1, **_processGroupArguments())
@@ -186,15 +219,24 @@ class EngineProcess:
 
     def _readStdout(self) -> None:
         for line in self._process.stdout:
+            line = line.rstrip("\n")
             event = parseProgressLine(line)
             if event is not None:
                 self._events.put(event)
+                self._appendLog(f"[{event.fraction:4.0%}] {event.message}")
             else:
-                self.stdoutLines.append(line.rstrip("\n"))
+                self.stdoutLines.append(line)
+                self._appendLog(line)
 
     def _readStderr(self) -> None:
         for line in self._process.stderr:
-            self.stderrLines.append(line.rstrip("\n"))
+            line = line.rstrip("\n")
+            self.stderrLines.append(line)
+            self._appendLog(line)
+
+    def _appendLog(self, line: str) -> None:
+        with self._logLock:
+            self._log.append(line)
 
     def progressEvents(self) -> list[ProgressEvent]:
         """Progress reported since the last call (never blocks)."""
@@ -204,6 +246,14 @@ class EngineProcess:
                 events.append(self._events.get_nowait())
             except queue.Empty:
                 return events
+
+    def newLogLines(self) -> list[str]:
+        """The engine's output lines (stdout and stderr, in arrival order; progress as ``[ 42%] message``) since
+        the last call (never blocks). At most LOG_LINES_KEPT lines wait; older ones are dropped."""
+        with self._logLock:
+            lines = list(self._log)
+            self._log.clear()
+        return lines
 
     def returnCode(self) -> int | None:
         """None while running; once finished, also waits for the output readers to drain."""
@@ -217,17 +267,52 @@ class EngineProcess:
         self._process.wait(timeout)
         return self.returnCode()
 
-    def cancel(self, grace: float = 5.0) -> None:
-        """Stop the process and its children: terminate, then kill after ``grace`` seconds."""
-        if self._process.poll() is not None:
-            return
-        self.cancelled = True
-        _terminateTree(self._process, force=False)
+    def requestCancel(self, grace: float = CANCEL_GRACE_SECONDS, onStopped: Callable[[], None] | None = None
+                      ) -> None:
+        """Stop the process and its children without waiting: terminate now; a watchdog thread kills them if they
+        still run after ``grace`` seconds, then calls ``onStopped`` (also at once when the process has already
+        ended). Safe to call again: later calls only add their ``onStopped``."""
+        with self._stoppedLock:
+            if onStopped is not None:
+                self._onStopped.append(onStopped)
+            if self._watchdog is not None:      # already cancelling (or cancelled)
+                if not self._watchdog.is_alive():
+                    self._runStoppedCallbacks()
+                return
+            if self._process.poll() is None:
+                self.cancelled = True
+                _terminateTree(self._process, force=False)
+            self._watchdog = threading.Thread(target=self._killAfter, args=(grace,), daemon=True)
+            self._watchdog.start()
+
+    def _killAfter(self, grace: float) -> None:
         try:
             self._process.wait(grace)
         except subprocess.TimeoutExpired:
             _terminateTree(self._process, force=True)
             self._process.wait()
+        with self._stoppedLock:
+            self._runStoppedCallbacks()
+
+    def _runStoppedCallbacks(self) -> None:
+        callbacks, self._onStopped = self._onStopped, []
+        for callback in callbacks:
+            try:
+                callback()
+            except Exception:   # a clean-up failure must not end the watchdog before the others ran
+                pass
+
+    def isCancelling(self) -> bool:
+        """Cancel was requested and the process has not ended yet."""
+        return self.cancelled and self._process.poll() is None
+
+    def cancel(self, grace: float = CANCEL_GRACE_SECONDS) -> None:
+        """Stop the process and its children and wait until they are gone: terminate, then kill after ``grace``
+        seconds (blocks up to ``grace``; a GUI uses :meth:`requestCancel`)."""
+        if self._process.poll() is not None and self._watchdog is None:
+            return
+        self.requestCancel(grace)
+        self._watchdog.join()
         self.returnCode()
 
 

@@ -150,6 +150,11 @@ def test_progress_lines_and_error_messages_are_parsed():
                                   "torch.OutOfMemoryError: CUDA out of memory. Tried to allocate 2 GiB"])
     assert "Device: CPU" in oom and "Traceback" not in oom
     assert "signal 9" in readableEngineError(-9, [])
+    kernel = readableEngineError(1, ["RuntimeError: CUDA error: no kernel image is available for execution on the "
+                                     "device"])
+    assert "Device: CPU" in kernel and "PyTorch Utils" in kernel
+    driver = readableEngineError(1, ["RuntimeError: CUDA driver version is insufficient for CUDA runtime version"])
+    assert "Device: CPU" in driver
 
 
 @pytest.fixture(scope="module")

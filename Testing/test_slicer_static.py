@@ -130,6 +130,11 @@ def test_extension_cmake_metadata_and_files():
     engine_files = cmake_engine_files(text)
     assert "atlasseg/__init__.py" in engine_files and "atlasseg/cli.py" in engine_files
     assert f"add_subdirectory({LIBRARY})" in text
+    assert "Apache License" in (REPO / "LICENSE").read_text()[:200]   # the license the project declares
+    description = re.search(r'set\(EXTENSION_DESCRIPTION\s+"([^"]+)"\)', text).group(1)
+    promised = {"AtlasNet": "AtlasNetSeg", "DeepAtlas": "DeepAtlasReg"}   # no promise of modules not built yet
+    for method, module in promised.items():
+        assert (method in description) == (REPO / module / "CMakeLists.txt").is_file(), method
 
 
 def test_library_cmake_installs_every_file_beside_the_modules():

@@ -61,7 +61,7 @@ def run_demo(out_dir: str | Path = "demo_output", data: str | Path | None = None
         rows.append((method, [metrics["labels"][v]["dice"] for v in label_names], metrics["mean"]["dice"],
                      metrics["mean"]["hd95"], seconds))
     _print_table(rows, label_names, prepared.timings["registration"] / max(len(prepared.atlas_ids), 1))
-    png = _montage(out / "demo.png", target_images[0], reference, results)
+    png = _montage(out / "demo.png", target_images[0], reference, results, target_id, label_names)
     print(f"outputs in {out}/<method>/ ; slices in {png} "
           "(panels: target, reference, JLF result, JLF weight map of atlas 1, JLF vote map of label 1, "
           "atlas agreement)")
@@ -80,7 +80,10 @@ def _print_table(rows, label_names, reg_seconds_per_atlas: float) -> None:
     print(f"registration: {reg_seconds_per_atlas:.2f} s per atlas")
 
 
-def _montage(path: Path, target: sitk.Image, reference: sitk.Image, results: dict) -> Path:
+def _montage(path: Path, target: sitk.Image, reference: sitk.Image, results: dict, target_id: str,
+             label_names: dict[int, str]) -> Path:
+    """One axial slice (the one with most labelled voxels) per panel, titled; the whole titled with the target
+    and the shown method's mean Dice; a legend of the label colours."""
     ref = sitk.GetArrayFromImage(reference)
     z = int(np.argmax((ref > 0).reshape(ref.shape[0], -1).sum(axis=1)))
     tgt = sitk.GetArrayFromImage(target)[z]
@@ -88,11 +91,13 @@ def _montage(path: Path, target: sitk.Image, reference: sitk.Image, results: dic
     res = results[key]["result"]
     seg = sitk.GetArrayFromImage(res.segmentation)[z]
     votes = res.fusion.posteriors[1 if res.fusion.posteriors.shape[0] > 1 else 0][z].cpu().numpy()
-    panels = [("target", tgt, "grey"), ("reference", ref[z], "labels"), (key, seg, "labels")]
+    panels = [("target", tgt, "grey"), ("reference", ref[z], "labels"), (f"{key} result", seg, "labels")]
     if res.fusion.atlas_weights is not None:
         w = res.fusion.atlas_weights[0][z].cpu().numpy()
         panels.append(("weights atlas 1", w / max(float(w.max()), 1e-6), "heat"))
     panels.append(("votes label 1", votes, "heat"))
     agreement = sitk.GetArrayFromImage(res.agreement_map())[z]
     panels.append(("agreement", agreement, "heat"))
-    return save_montage(panels, path, background=tgt)
+    dice = results[key]["metrics"]["mean"]["dice"]
+    title = f"AtlasSeg demo: {target_id} ({key}, mean Dice {dice:.3f}, slice {z})"
+    return save_montage(panels, path, background=tgt, title=title, legend=label_names)

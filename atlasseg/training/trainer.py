@@ -154,37 +154,25 @@ def write_csv(rows: list[dict], path: Path) -> None:
     atomic_write_bytes(path, buf.getvalue().encode())
 
 
-def plot_curves(rows: list[dict], path: Path, width: int = 360, height: int = 220) -> Path:
-    """PNG of training loss (left, red) and validation Dice (right, blue; the method's baseline on the same
-    validation targets, e.g. majority voting, as a grey line) per epoch; axes from 0 to the maximum (loss) or
-    0..1 (Dice)."""
+def plot_curves(rows: list[dict], path: Path, width: int = 360, height: int = 240) -> Path:
+    """PNG of the training curves: two ``width`` x ``height`` panels side by side, 10 pixels apart, so the image
+    is ``2 * width + 10`` pixels wide and ``height`` tall. Left, "Training loss": the loss per epoch (red), y from 0
+    to just above the largest loss. Right, "Validation Dice": validation Dice (blue) and the method's baseline on
+    the same validation targets (majority voting, row key ``val_dice_majority``, grey, when there is one), y 0..1.
+    Both have x from epoch 0 to the last epoch, axis labels ("epoch"; "loss" / "Dice"), tick labels with the
+    numbers at both axis ends, and a legend."""
+    from ..render import line_chart  # keeps the font and layout beside the montage code
 
-    def panel(series: list[tuple[list[float], tuple[int, int, int]]], top: float) -> np.ndarray:
-        img = np.full((height, width, 3), 255, np.uint8)
-        img[height - 20, 20:width - 10] = 0
-        img[10:height - 19, 20] = 0
-        n = max(len(s) for s, _ in series)
-        for values, colour in series:
-            pts = [(i, v) for i, v in enumerate(values) if v == v]
-            if not pts:
-                continue
-            xs = np.array([20 + (width - 35) * (i / max(n - 1, 1)) for i, _ in pts])
-            ys = np.array([height - 20 - (height - 35) * min(max(v / top, 0.0), 1.0) for _, v in pts])
-            if len(xs) == 1:
-                xs, ys = np.repeat(xs, 2), np.repeat(ys, 2)
-            t = np.linspace(0, len(xs) - 1, 40 * len(xs))
-            px, py = np.interp(t, np.arange(len(xs)), xs), np.interp(t, np.arange(len(ys)), ys)
-            for dx in (-1, 0, 1):
-                for dy in (-1, 0, 1):
-                    img[np.clip(np.round(py).astype(int) + dy, 0, height - 1),
-                        np.clip(np.round(px).astype(int) + dx, 0, width - 1)] = colour
-        return img
-
+    epochs = [float(r.get("epoch", i + 1)) for i, r in enumerate(rows)]
     loss = [float(r["train_loss"]) for r in rows]
     dice = [float(r["val_dice"]) for r in rows]
     baseline = [float(r.get("val_dice_majority", "nan")) for r in rows]
-    left = panel([(loss, (220, 30, 30))], max(max(loss), 1e-6) * 1.05)
-    right = panel([(baseline, (150, 150, 150)), (dice, (30, 80, 220))], 1.0)
+    last = max(epochs, default=1.0)
+    left = line_chart([(epochs, loss, (220, 30, 30), "training loss")], width, height, title="Training loss",
+                      xlabel="epoch", ylabel="loss", xmax=last)
+    right = line_chart([(epochs, dice, (30, 80, 220), "validation Dice"),
+                        (epochs, baseline, (150, 150, 150), "majority voting")], width, height,
+                       title="Validation Dice", xlabel="epoch", ylabel="Dice", xmax=last, ymax=1.0)
     rgb = np.concatenate([left, np.full((height, 10, 3), 255, np.uint8), right], axis=1)
     atomic_write(lambda tmp: sitk.WriteImage(sitk.GetImageFromArray(rgb, isVector=True), tmp), path)
     return path
