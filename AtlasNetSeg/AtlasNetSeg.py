@@ -120,8 +120,10 @@ class AtlasNetSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.initializeParameterNode()
 
     def cleanup(self) -> None:
-        if self._run is not None:
-            self._run.cancel()
+        """The module is closed (or reloaded): cancel the run without waiting for it and stop polling."""
+        if self.logic is not None:
+            self.logic.cancelActiveRuns()
+        self._forgetRun("Cancelled: the module was closed.")
         self.removeObservers()
 
     def enter(self) -> None:
@@ -134,7 +136,20 @@ class AtlasNetSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self.removeObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self.updateGUIFromParameterNode)
 
     def onSceneStartClose(self, caller, event) -> None:
+        """The scene closes: its nodes go, so a running segmentation is cancelled (without waiting for it)."""
+        self.logic.onSceneStartClose()
+        self._forgetRun("Cancelled: the scene was closed.")
         self.setParameterNode(None)
+
+    def _forgetRun(self, message: str) -> None:
+        """Stop polling a run that was cancelled from elsewhere (scene or module closed)."""
+        self._timer.stop()
+        if self._run is None:
+            return
+        self._run = None
+        self.ui.progressBar.hide()
+        self.ui.statusLabel.text = message
+        self.ui.applyButton.text = "Apply"
 
     def onSceneEndClose(self, caller, event) -> None:
         if self.parent.isEntered:
@@ -201,7 +216,9 @@ class AtlasNetSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     def _updateApplyButton(self) -> None:
         if self._run is not None:
-            self.ui.applyButton.text, self.ui.applyButton.enabled = "Cancel", True
+            cancelling = self._run.isCancelling()
+            self.ui.applyButton.text = "Cancelling..." if cancelling else "Cancel"
+            self.ui.applyButton.enabled = not cancelling
             self.ui.applyButton.toolTip = "Stop the running segmentation"
             return
         problems = self.logic.inputProblems(self._inputs(), self._settings())
@@ -211,8 +228,10 @@ class AtlasNetSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     # ------------------------------------------------------------------ run
     def onApplyButton(self) -> None:
-        if self._run is not None:
-            self._run.cancel()
+        if self._run is not None:   # Cancel: returns at once; the timer sees the engine end (killed after a grace)
+            self._run.requestCancel()
+            self.ui.statusLabel.text = "Cancelling..."
+            self._updateApplyButton()
             return
         if not self.logic.ensureEngineDependencies():
             return
@@ -230,10 +249,15 @@ class AtlasNetSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     def onPollRun(self) -> None:
         run = self._run
+        if run is None:
+            self._timer.stop()
+            return
         run.poll()
         self.ui.progressBar.setValue(int(round(1000 * run.lastProgress.fraction)))
-        self.ui.statusLabel.text = run.lastProgress.message
+        if not run.isCancelling():
+            self.ui.statusLabel.text = run.lastProgress.message
         if run.isRunning():
+            self._updateApplyButton()
             return
         self._timer.stop()
         self._run = None

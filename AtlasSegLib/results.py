@@ -1,13 +1,16 @@
 """Engine outputs -> MRML nodes, the same way in every AtlasSeg module.
 
-One subject-hierarchy folder per run; label images become segmentation nodes named and coloured after the
-labels; probability, vote, weight and agreement maps become scalar volumes that remember their kind and their
-target, so :func:`showMap` can overlay any of them in the slice views. Every function takes the scene, so the
-code runs on ``slicer.mrmlScene`` in Slicer and on any scene of the ``slicer-core`` wheel in tests.
+One subject-hierarchy folder per run; label images become segmentation nodes (new, or an existing one
+overwritten) named and coloured after the labels and tagged with the standard terminology where a label names a
+known structure (:data:`STRUCTURE_CODES`); probability, vote, weight and agreement maps become scalar volumes
+that remember their kind and their target, so :func:`showMap` can overlay any of them in the slice views. Every
+function takes the scene, so the code runs on ``slicer.mrmlScene`` in Slicer and on any scene of the
+``slicer-core`` wheel in tests.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 from dataclasses import dataclass
@@ -49,6 +52,123 @@ OUTPUT_GRID_TOLERANCE = 1e-3   # mm; NIfTI stores the grid in float32
 TARGET_REFERENCE_ROLE = "AtlasSegTarget"
 METRIC_COLUMNS = (("dice", "Dice"), ("jaccard", "Jaccard"), ("hd95", "HD95 (mm)"), ("assd", "ASSD (mm)"),
                   ("sensitivity", "Sensitivity"), ("precision", "Precision"))
+
+
+# ---------------------------------------------------------------------------------------------- terminology
+
+GENERAL_ANATOMY = "Segmentation category and type - 3D Slicer General Anatomy list"
+DICOM_MASTER = "Segmentation category and type - DICOM master list"
+ANATOMIC_CONTEXT = "Anatomic codes - DICOM master list"
+ANATOMICAL_STRUCTURE = "SCT^123037004^Anatomical Structure"
+TERMINOLOGY_TAG = "TerminologyEntry"   # vtkSegment::GetTerminologyEntryTagName()
+
+
+@dataclass(frozen=True)
+class StructureCode:
+    """An anatomical structure's SNOMED CT type, as listed in one of Slicer's terminology files."""
+
+    terminology: str      # the list that holds the type (GENERAL_ANATOMY or DICOM_MASTER)
+    code: str             # SNOMED CT concept id
+    meaning: str          # the code meaning, exactly as that list writes it
+    lateral: bool = False  # the list offers the Left / Right modifiers for it
+    modifier: str = ""     # "SCT^7771000^Left" or "SCT^24028007^Right" when the label names a side
+
+    def entry(self) -> str:
+        """The segment's ``TerminologyEntry`` tag (Slicer's serialized terminology entry)."""
+        return (f"{self.terminology}~{ANATOMICAL_STRUCTURE}~SCT^{self.code}^{self.meaning}~{self.modifier or '^^'}~"
+                f"{ANATOMIC_CONTEXT}~^^~^^")
+
+
+def _codes(terminology: str, code: str, meaning: str, *names: str, lateral: bool = False) -> dict:
+    return dict.fromkeys(names, StructureCode(terminology, code, meaning, lateral))
+
+
+# Label name (lower case, words as _normalisedName leaves them) -> type. Every code below is copied from Slicer's
+# Modules/Loadable/Terminologies/Resources: SegmentationCategoryTypeModifier-SlicerGeneralAnatomy.json (category
+# Anatomical Structure) where that list has the structure, else SegmentationCategoryTypeModifier-DICOM-Master.json.
+STRUCTURE_CODES: dict[str, StructureCode] = {
+    **_codes(DICOM_MASTER, "5366008", "Hippocampus", "hippocampus", lateral=True),
+    **_codes(GENERAL_ANATOMY, "12738006", "Brain", "brain"),
+    **_codes(GENERAL_ANATOMY, "389080008", "White Matter", "white matter"),
+    **_codes(GENERAL_ANATOMY, "68523003", "Cerebral White Matter", "cerebral white matter"),
+    **_codes(GENERAL_ANATOMY, "33060004", "Cerebellar white matter", "cerebellar white matter"),
+    **_codes(GENERAL_ANATOMY, "389081007", "Gray Matter", "gray matter", "deep gray matter"),
+    **_codes(GENERAL_ANATOMY, "40146001", "Cerebral Grey Matter", "cerebral gray matter", "cortical gray matter",
+             "cerebral cortex"),
+    **_codes(GENERAL_ANATOMY, "35764002", "Brain ventricle", "ventricles", "brain ventricles",
+             "brain ventricle", "ventricles of brain", "ventricular system"),
+    **_codes(GENERAL_ANATOMY, "66720007", "Lateral ventricle", "lateral ventricle", "lateral ventricles", lateral=True),
+    **_codes(DICOM_MASTER, "49841001", "Third ventricle", "third ventricle"),
+    **_codes(GENERAL_ANATOMY, "35918002", "Fourth ventricle", "fourth ventricle"),
+    **_codes(DICOM_MASTER, "65216001", "Cerebrospinal Fluid", "csf", "cerebrospinal fluid", "extra axial csf",
+             "external csf", lateral=True),
+    **_codes(DICOM_MASTER, "113305005", "Cerebellum", "cerebellum"),
+    **_codes(DICOM_MASTER, "42695009", "Thalamus", "thalamus", lateral=True),
+    **_codes(DICOM_MASTER, "119238007", "Brain stem", "brainstem"),
+    **_codes(GENERAL_ANATOMY, "61962009", "Midbrain", "midbrain"),
+    **_codes(GENERAL_ANATOMY, "88442005", "Corpus callosum", "corpus callosum"),
+    **_codes(GENERAL_ANATOMY, "4958002", "Amygdala", "amygdala", lateral=True),
+    **_codes(GENERAL_ANATOMY, "11000004", "Caudate nucleus", "caudate nucleus", "caudate", lateral=True),
+    **_codes(GENERAL_ANATOMY, "89278009", "Putamen", "putamen", lateral=True),
+    **_codes(GENERAL_ANATOMY, "14738005", "Globus pallidus", "globus pallidus", lateral=True),
+}
+# Words that name a part of a structure: "hippocampus anterior", "hippocampal head" are the hippocampus, and a
+# label named only by a part ("Anterior", as in the Decathlon hippocampus set) is a part of the structure its atlas
+# set is named after.
+PART_WORDS = frozenset({"anterior", "posterior", "head", "body", "tail", "part", "of", "the"})
+SIDES = {"left": "SCT^7771000^Left", "right": "SCT^24028007^Right"}   # laterality modifiers of those lists
+_WORD_ALIASES = {"hippocampal": "hippocampus", "grey": "gray"}
+
+
+def _normalisedName(name: str) -> str:
+    """Lower case, parentheses dropped ("ventricles (intra-axial CSF)" -> "ventricles"), separators as spaces,
+    "brain stem" as "brainstem", adjectives as their structure ("hippocampal" -> "hippocampus")."""
+    text = re.sub(r"\([^)]*\)", " ", name.lower())
+    words = [_WORD_ALIASES.get(word, word) for word in re.split(r"[\s_\-/,.]+", text) if word]
+    return " ".join(words).replace("brain stem", "brainstem")
+
+
+def structureCode(labelName: str, atlasSetName: str = "") -> StructureCode | None:
+    """The standard type of a label name, or None when it is not a structure of :data:`STRUCTURE_CODES`.
+
+    ``atlasSetName``: the atlas set's name (dataset.json ``name``); a label named only by a part (``Anterior``)
+    is that structure when the name is one (``Hippocampus``)."""
+    key = _normalisedName(labelName)
+    if key in STRUCTURE_CODES:
+        return STRUCTURE_CODES[key]
+    words = key.split()
+    sides = [SIDES[word] for word in words if word in SIDES]
+    if len(sides) > 1:
+        return None
+    words = [word for word in words if word not in SIDES]
+    whole = " ".join(word for word in words if word not in PART_WORDS)
+    if whole:
+        code = STRUCTURE_CODES.get(whole)
+    elif words and atlasSetName:   # only part words: a part of the structure the set is named after
+        code = structureCode(atlasSetName)
+    else:
+        code = None
+    if code is None or not sides:
+        return code
+    # a side is kept as the standard modifier; "left ventricle" (the heart's) must not become a brain structure
+    return dataclasses.replace(code, modifier=sides[0]) if code.lateral else None
+
+
+def tagStructures(segmentationNode, atlasSetName: str = "") -> dict[str, StructureCode]:
+    """Tag every segment whose name is a known structure with its terminology entry; the others keep what they
+    have (Slicer's default). Names and colours come from the atlas labels, so they are marked as not generated
+    (Slicer then never renames or recolours them from the terminology). Returns segment name -> code."""
+    segmentation = segmentationNode.GetSegmentation()
+    tagged = {}
+    for k in range(segmentation.GetNumberOfSegments()):
+        segment = segmentation.GetNthSegment(k)
+        segment.SetNameAutoGenerated(False)
+        segment.SetColorAutoGenerated(False)
+        code = structureCode(segment.GetName(), atlasSetName)
+        if code is not None:
+            segment.SetTag(TERMINOLOGY_TAG, code.entry())
+            tagged[segment.GetName()] = code
+    return tagged
 
 
 # ---------------------------------------------------------------------------------------------- labels, colours
@@ -116,23 +236,52 @@ def volumeFromFile(volumeNode, path: Path, gridIjkToRas: np.ndarray | None = Non
             volumeNode.SetIJKToRASMatrix(numpyToVtkMatrix(gridIjkToRas))
 
 
-def segmentationFromLabelFile(scene, path: Path, colorTable, name: str, gridIjkToRas: np.ndarray | None = None):
-    """A segmentation node from a label image: one segment per label present, named and coloured by the table."""
+def segmentationFromLabelFile(scene, path: Path, colorTable, name: str, gridIjkToRas: np.ndarray | None = None,
+                              *, into=None, referenceVolume=None, atlasSetName: str = ""):
+    """A segmentation node from a label image: one segment per label present, named and coloured by the table,
+    tagged with the standard terminology where the name is a known structure (:func:`tagStructures`).
+
+    ``into``: an existing segmentation node to overwrite instead of creating one named ``name``; it keeps its name
+    and place, and is set up exactly as a new node: segments replaced, no parent transform (the result lies on
+    the target's world grid), reference geometry the label image's grid, same display. ``referenceVolume``: the
+    volume the segmentation was made for (the Segment Editor then offers it as source volume).
+    """
     labelmap = scene.AddNewNodeByClass("vtkMRMLLabelMapVolumeNode", "__AtlasSegResult")
     try:
         volumeFromFile(labelmap, path, gridIjkToRas)
         labelmap.CreateDefaultDisplayNodes()
         labelmap.GetDisplayNode().SetAndObserveColorNodeID(colorTable.GetID())
-        segmentationNode = scene.AddNewNodeByClass("vtkMRMLSegmentationNode", name)
+        segmentationNode = into if into is not None else scene.AddNewNodeByClass("vtkMRMLSegmentationNode", name)
         segmentationNode.CreateDefaultDisplayNodes()
+        _resetSegmentation(segmentationNode, labelmap, referenceVolume)
         if not segmentationsLogic(scene).ImportLabelmapToSegmentationNode(labelmap, segmentationNode):
             raise EngineError(f"could not import {path.name} as a segmentation")
     finally:
         scene.RemoveNode(labelmap)
+    tagStructures(segmentationNode, atlasSetName)
     display = segmentationNode.GetDisplayNode()
+    display.SetVisibility(True)
     display.SetOpacity2DFill(0.35)
     display.SetOpacity2DOutline(1.0)
     return segmentationNode
+
+
+def _resetSegmentation(segmentationNode, labelmap, referenceVolume=None) -> None:
+    """Empty a segmentation node and give it the label image's geometry: the same state for a new node and for an
+    existing one that is overwritten."""
+    import slicer
+
+    segmentationNode.SetAndObserveTransformNodeID(None)
+    segmentation = segmentationNode.GetSegmentation()
+    segmentation.RemoveAllSegments()
+    segmentation.SetSourceRepresentationName(slicer.vtkSegmentationConverter.GetBinaryLabelmapRepresentationName())
+    matrix = vtk.vtkMatrix4x4()
+    labelmap.GetIJKToRASMatrix(matrix)
+    segmentation.SetConversionParameter(
+        slicer.vtkSegmentationConverter.GetReferenceImageGeometryParameterName(),
+        slicer.vtkSegmentationConverter.SerializeImageGeometry(matrix, labelmap.GetImageData()))
+    segmentationNode.SetNodeReferenceID(segmentationNode.GetReferenceImageGeometryReferenceRole(),
+                                        referenceVolume.GetID() if referenceVolume is not None else None)
 
 
 def mapNode(scene, path: Path, name: str, kind: str, targetNode, gridIjkToRas: np.ndarray | None = None):
@@ -209,6 +358,21 @@ def showMap(scene, node, targetNode=None, opacity: float | None = None) -> None:
             composite.SetBackgroundVolumeID(targetNode.GetID())
         composite.SetForegroundVolumeID(node.GetID())
         composite.SetForegroundOpacity(style.opacity if opacity is None else opacity)
+
+
+def showIn3D(segmentationNode, show: bool = True) -> bool:
+    """Show a segmentation in the 3D views (its closed-surface representation is made) or remove it from them.
+    Returns False when the surface could not be made (no converter: Slicer's Segmentations module not loaded)."""
+    display = segmentationNode.GetDisplayNode()
+    if not show:
+        segmentationNode.RemoveClosedSurfaceRepresentation()
+        return True
+    if not segmentationNode.CreateClosedSurfaceRepresentation():
+        return False
+    if display is not None:
+        display.SetVisibility3D(True)
+        display.SetPreferredDisplayRepresentationName3D("Closed surface")
+    return True
 
 
 # ---------------------------------------------------------------------------------------------- helpers

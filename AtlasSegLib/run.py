@@ -2,8 +2,9 @@
 
 A module's logic writes its inputs into a work folder and builds the engine command (:class:`PreparedRun`);
 :class:`EngineLogic` starts it as an :class:`~AtlasSegLib.engine.EngineProcess` and :class:`EngineRun` lets a
-GUI timer poll progress, cancel, and finally load the outputs as nodes. The work folder is removed when the run
-ends unless the caller gave it.
+GUI timer poll progress and log lines, cancel (without blocking the GUI), and finally load the outputs as nodes.
+The work folder is removed when the run ends unless the caller gave it. The logic keeps the runs it started, so
+closing the scene or the module cancels them (:meth:`EngineLogic.cancelActiveRuns`).
 """
 
 from __future__ import annotations
@@ -15,8 +16,16 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .engine import EngineCancelled, EngineError, EngineProcess, ProgressEvent, pythonExecutable, readableEngineError
-from .results import MapStyle, mapStyle, showMap
+from .engine import (
+    CANCEL_GRACE_SECONDS,
+    EngineCancelled,
+    EngineError,
+    EngineProcess,
+    ProgressEvent,
+    pythonExecutable,
+    readableEngineError,
+)
+from .results import MapStyle, mapStyle, showIn3D, showMap
 
 ProcessFactory = Callable[[list, dict], EngineProcess]
 ProgressCallback = Callable[[float, str], None]
@@ -54,8 +63,22 @@ class EngineRun:
         return events
 
     def cancel(self) -> None:
+        """Stop the engine and wait until it is gone (up to the grace period); console and tests."""
         self.process.cancel()
         self._cleanUp()
+
+    def requestCancel(self, grace: float = CANCEL_GRACE_SECONDS) -> None:
+        """Stop the engine without waiting (GUI): it is terminated now and killed after ``grace`` seconds if it
+        still runs; the work folder goes once it has stopped. Keep polling: ``isRunning()`` turns False and
+        ``finish()`` raises EngineCancelled."""
+        self.process.requestCancel(grace, onStopped=self._cleanUpIfCancelled)
+
+    def isCancelling(self) -> bool:
+        return self.process.isCancelling()
+
+    def newLogLines(self) -> list[str]:
+        """The engine's output lines since the last call (never blocks)."""
+        return self.process.newLogLines()
 
     def finish(self):
         """After the process ended: the loaded results, or EngineError / EngineCancelled with a readable message."""
@@ -80,6 +103,17 @@ class EngineRun:
         if self.ownsWorkDir:
             shutil.rmtree(self.prepared.workDir, ignore_errors=True)
 
+    def _cleanUpIfCancelled(self) -> None:
+        """After a requested cancel; a run that had already ended keeps its outputs for finish()."""
+        if self.process.cancelled:
+            self._cleanUp()
+
+
+def _removeIfCancelled(process, work: Path | None) -> Callable[[], None] | None:
+    if work is None:
+        return None
+    return lambda: shutil.rmtree(work, ignore_errors=True) if process.cancelled else None
+
 
 def waitForRun(run: EngineRun, onProgress: ProgressCallback | None = None, pollSeconds: float = 0.1):
     """Poll a run until it ends and load its results (Python console, tests): the GUI's timer, as a loop."""
@@ -100,7 +134,8 @@ class EngineLogic:
     """What every module's Qt-free logic shares: the scene, the engine interpreter and process, map display.
 
     ``processFactory(command, env)`` starts the engine and returns an object with ``progressEvents()``,
-    ``returnCode()``, ``cancel()``, ``stderrLines`` and ``cancelled`` (default: :class:`EngineProcess`);
+    ``newLogLines()``, ``returnCode()``, ``cancel()``, ``requestCancel()``, ``isCancelling()``, ``stderrLines``
+    and ``cancelled`` (default: :class:`EngineProcess`);
     ``python`` is the interpreter that runs the engine (default: PythonSlicer inside Slicer).
     """
 
@@ -108,6 +143,7 @@ class EngineLogic:
         self.scene = scene
         self.python = python or pythonExecutable()
         self.processFactory = processFactory or (lambda command, env: EngineProcess(command, env))
+        self._started: list[tuple[object, Path | None]] = []   # (process, work folder to remove or None)
 
     def startPrepared(self, prepare: Callable[[Path], PreparedRun], workDir: str | Path | None = None
                       ) -> tuple[PreparedRun, object, bool]:
@@ -119,11 +155,34 @@ class EngineLogic:
         work = Path(tempfile.mkdtemp(prefix="AtlasSeg-")) if ownsWorkDir else Path(workDir)
         try:
             prepared = prepare(work)
-            return prepared, self.processFactory(prepared.command, prepared.environment), ownsWorkDir
+            process = self.processFactory(prepared.command, prepared.environment)
         except BaseException:
             if ownsWorkDir:
                 shutil.rmtree(work, ignore_errors=True)
             raise
+        self._started = [entry for entry in self._started if entry[0].returnCode() is None]
+        self._started.append((process, work if ownsWorkDir else None))
+        return prepared, process, ownsWorkDir
+
+    def activeProcesses(self) -> list:
+        """Engine processes this logic started that have not ended yet."""
+        return [process for process, _ in self._started if process.returnCode() is None]
+
+    def cancelActiveRuns(self, grace: float = CANCEL_GRACE_SECONDS) -> int:
+        """Cancel every run this logic started that is still going, without waiting (scene closed, module
+        cleaned up): terminated now, killed after ``grace`` seconds, work folders removed once stopped.
+        Returns how many were cancelled."""
+        cancelled = 0
+        for process, work in self._started:
+            if process.returnCode() is None:
+                process.requestCancel(grace, onStopped=_removeIfCancelled(process, work))
+                cancelled += 1
+        return cancelled
+
+    def onSceneStartClose(self, caller=None, event=None) -> None:
+        """The scene is about to close: its nodes (targets, outputs) go, so running engines are cancelled. The
+        widget calls this from its StartCloseEvent observer; it can also be an observer itself."""
+        self.cancelActiveRuns()
 
     @staticmethod
     def mapStyle(mapNode) -> MapStyle:
@@ -132,3 +191,8 @@ class EngineLogic:
     def showMap(self, mapNode, targetNode=None, opacity: float | None = None) -> None:
         """Show a result map as a coloured foreground over its target in every slice view."""
         showMap(self.scene, mapNode, targetNode, opacity)
+
+    @staticmethod
+    def showIn3D(segmentationNode, show: bool = True) -> bool:
+        """Show a result segmentation in 3D (its closed-surface representation), or hide it there."""
+        return showIn3D(segmentationNode, show)

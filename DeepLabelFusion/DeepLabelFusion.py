@@ -27,7 +27,10 @@ if importlib.util.find_spec("AtlasSegLib") is None:  # source checkout: the shar
     sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 from DeepLabelFusionLib import (  # noqa: E402
     BACKENDS,
+    DEFAULT_BACKEND,
+    DEFAULT_PRESET,
     DEVICES,
+    JLF_DEFAULTS,
     MAP_KIND_ATTRIBUTE,
     METHODS,
     PRESETS,
@@ -36,6 +39,8 @@ from DeepLabelFusionLib import (  # noqa: E402
     FusionInputs,
     FusionLogic,
     FusionSettings,
+    methodDescription,
+    readAtlasFolderModalities,
 )
 
 from AtlasSegLib import (  # noqa: E402
@@ -47,6 +52,11 @@ from AtlasSegLib import (  # noqa: E402
 )
 
 POLL_MILLISECONDS = 200
+# what the panel's choices are called on screen (the engine's names are the combo boxes' data)
+BACKEND_LABELS = {"torch": "Built-in (PyTorch; GPU when present)", "greedy": "Greedy (PICSL; CPU)"}
+PRESET_LABELS = {"fast": "Fast (preview)", "default": "Default", "accurate": "Accurate (slower)",
+                 "affine": "Affine only"}
+DEVICE_LABELS = {"auto": "Auto (GPU when available)", "cpu": "CPU", "gpu": "GPU (CUDA)"}
 
 
 class DeepLabelFusion(ScriptedLoadableModule):
@@ -59,8 +69,9 @@ class DeepLabelFusion(ScriptedLoadableModule):
         self.parent.helpText = (
             "Segment a target volume with a set of atlases: every atlas is registered to the target and the "
             "warped atlas labels are fused by majority voting, local weighted voting, joint label fusion, STAPLE "
-            "or Deep Label Fusion. Results (segmentation, vote, weight and agreement maps, and with a reference "
-            "the oracle coverage map and Dice / HD95 table) appear in one subject-hierarchy folder per run. "
+            "or Deep Label Fusion. Results (segmentation, vote and agreement maps, on request weight maps per "
+            "atlas, and with a reference the oracle coverage map and Dice / HD95 table) appear in one "
+            "subject-hierarchy folder per run; the segmentation can instead overwrite an existing one. "
             "See the <a href='https://github.com/atlasseg/SlicerAtlasSeg'>documentation</a>.")
         self.parent.acknowledgementText = (
             "Joint label fusion after Wang & Yushkevich (2013); Deep Label Fusion after Xie et al. (MedIA 2023).")
@@ -74,6 +85,9 @@ class DeepLabelFusionParameterNode:
     extraModality1: vtkMRMLScalarVolumeNode
     extraModality2: vtkMRMLScalarVolumeNode
     referenceSegmentation: vtkMRMLSegmentationNode
+    outputSegmentation: vtkMRMLSegmentationNode
+    show3D: bool = False
+    weightMaps: bool = False
     atlasesFromScene: bool = False
     atlasFolder: pathlib.Path
     atlasImages: list[vtkMRMLScalarVolumeNode]
@@ -81,13 +95,13 @@ class DeepLabelFusionParameterNode:
     method: str = "jlf"
     modelFolder: pathlib.Path
     nAtlases: Annotated[int, WithinRange(1, 500)] = 10
-    backend: str = "torch"
-    preset: str = "default"
+    backend: str = DEFAULT_BACKEND
+    preset: str = DEFAULT_PRESET
     device: str = "auto"
-    jlfAlpha: Annotated[float, WithinRange(0.0, 100.0)] = 0.1
-    jlfBeta: Annotated[float, WithinRange(0.0, 100.0)] = 2.0
-    jlfPatchRadius: Annotated[int, WithinRange(0, 10)] = 2
-    jlfSearchRadius: Annotated[int, WithinRange(0, 10)] = 3
+    jlfAlpha: Annotated[float, WithinRange(0.0, 100.0)] = JLF_DEFAULTS["alpha"]
+    jlfBeta: Annotated[float, WithinRange(0.0, 100.0)] = JLF_DEFAULTS["beta"]
+    jlfPatchRadius: Annotated[int, WithinRange(0, 10)] = JLF_DEFAULTS["patch_radius"]
+    jlfSearchRadius: Annotated[int, WithinRange(0, 10)] = JLF_DEFAULTS["search_radius"]
     seed: int = 0
 
 
@@ -104,6 +118,8 @@ class DeepLabelFusionWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._parameterNode = None
         self._parameterNodeGuiTag = None
         self._run = None
+        self._lastSegmentation = None   # the last run's segmentation, for "Show in 3D" after the run
+        self._modalityCount = None      # modalities of the chosen atlas set (None: not known)
         self._timer = qt.QTimer()
         self._timer.setInterval(POLL_MILLISECONDS)
         self._timer.connect("timeout()", self.onPollRun)
@@ -118,10 +134,9 @@ class DeepLabelFusionWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.logic = DeepLabelFusionLogic()
 
         self._fillCombo(self.ui.methodComboBox, METHODS)
-        self._fillCombo(self.ui.backendComboBox, {b: {"torch": "Torch (GPU when present)",
-                                                       "greedy": "Greedy (CPU)"}[b] for b in BACKENDS})
-        self._fillCombo(self.ui.presetComboBox, {p: p.capitalize() for p in PRESETS})
-        self._fillCombo(self.ui.deviceComboBox, {d: {"auto": "Auto", "cpu": "CPU", "gpu": "GPU"}[d] for d in DEVICES})
+        self._fillCombo(self.ui.backendComboBox, {b: BACKEND_LABELS.get(b, b) for b in BACKENDS})
+        self._fillCombo(self.ui.presetComboBox, {p: PRESET_LABELS.get(p, p.capitalize()) for p in PRESETS})
+        self._fillCombo(self.ui.deviceComboBox, {d: DEVICE_LABELS.get(d, d) for d in DEVICES})
         for combo, name in ((self.ui.methodComboBox, "method"), (self.ui.backendComboBox, "backend"),
                             (self.ui.presetComboBox, "preset"), (self.ui.deviceComboBox, "device")):
             combo.connect("currentIndexChanged(int)", lambda _index, c=combo, n=name: self._comboChanged(c, n))
@@ -133,6 +148,7 @@ class DeepLabelFusionWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.mapSelector.addAttribute("vtkMRMLScalarVolumeNode", MAP_KIND_ATTRIBUTE)
         self.ui.mapSelector.connect("currentNodeChanged(vtkMRMLNode*)", self.onMapSelected)
         self.ui.mapOpacitySlider.connect("valueChanged(double)", self.onMapOpacityChanged)
+        self.ui.show3DCheckBox.connect("toggled(bool)", self.onShow3DToggled)
         self.ui.progressBar.hide()
 
         self.addObserver(slicer.mrmlScene, slicer.mrmlScene.StartCloseEvent, self.onSceneStartClose)
@@ -146,8 +162,10 @@ class DeepLabelFusionWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             combo.addItem(text, value)
 
     def cleanup(self) -> None:
-        if self._run is not None:
-            self._run.cancel()
+        """The module is closed (or reloaded): cancel the run without waiting for it and stop polling."""
+        if self.logic is not None:
+            self.logic.cancelActiveRuns()
+        self._forgetRun("Cancelled: the module was closed.")
         self.removeObservers()
 
     def enter(self) -> None:
@@ -160,6 +178,10 @@ class DeepLabelFusionWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self.removeObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self.updateGUIFromParameterNode)
 
     def onSceneStartClose(self, caller, event) -> None:
+        """The scene closes: its nodes go, so a running segmentation is cancelled (without waiting for it)."""
+        self.logic.onSceneStartClose()
+        self._forgetRun("Cancelled: the scene was closed.")
+        self._lastSegmentation = None
         self.setParameterNode(None)
 
     def onSceneEndClose(self, caller, event) -> None:
@@ -197,10 +219,26 @@ class DeepLabelFusionWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.atlasFolderRadioButton.blockSignals(False)
         self.ui.atlasFolderWidget.visible = not p.atlasesFromScene
         self.ui.atlasPairsWidget.visible = p.atlasesFromScene
+        self.ui.methodNoteLabel.text = methodDescription(p.method)
         self.ui.modelFolderLabel.visible = self.ui.modelFolderPathLineEdit.visible = p.method == "dlf"
-        self.ui.advancedCollapsibleButton.enabled = p.method == "jlf"
+        self.ui.jlfGroupBox.enabled = p.method == "jlf"
+        self._updateModalityLabels()
         self._updateAtlasPairsTable()
         self._updateApplyButton()
+
+    def _updateModalityLabels(self) -> None:
+        """The target's label names its modality as the atlas set does; one selector per further modality of the
+        set (all of them while the set is not known)."""
+        p = self._parameterNode
+        modalities = [] if p.atlasesFromScene else readAtlasFolderModalities(_pathText(p.atlasFolder))
+        self._modalityCount = 1 if p.atlasesFromScene else (len(modalities) or None)
+        self.ui.targetVolumeLabel.text = (f"Target volume (modality 1: {modalities[0]}):" if modalities
+                                          else "Target volume (modality 1):")
+        for k, (label, selector) in enumerate(((self.ui.extraModality1Label, self.ui.extraModality1Selector),
+                                               (self.ui.extraModality2Label, self.ui.extraModality2Selector)),
+                                              start=1):
+            label.visible = selector.visible = self._modalityCount is None or k < self._modalityCount
+            label.text = f"Modality {k + 1} ({modalities[k]}):" if k < len(modalities) else f"Modality {k + 1}:"
 
     def _comboChanged(self, combo, parameterName: str) -> None:
         if self._parameterNode is not None:
@@ -248,18 +286,23 @@ class DeepLabelFusionWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     def _inputs(self) -> FusionInputs:
         p = self._parameterNode
         extra = [n for n in (p.extraModality1, p.extraModality2) if n is not None]
+        if self._modalityCount is not None:   # selectors hidden for this atlas set are ignored
+            extra = [n for n in (p.extraModality1, p.extraModality2)[:self._modalityCount - 1] if n is not None]
         pairs = list(zip(p.atlasImages, p.atlasSegmentations)) if p.atlasesFromScene else []
         return FusionInputs(p.targetVolume, extra, "" if p.atlasesFromScene else _pathText(p.atlasFolder), pairs,
-                            p.referenceSegmentation)
+                            p.referenceSegmentation, p.outputSegmentation)
 
     def _settings(self) -> FusionSettings:
         p = self._parameterNode
         return FusionSettings(p.method, p.nAtlases, p.backend, p.preset, p.device, _pathText(p.modelFolder),
-                              p.jlfAlpha, p.jlfBeta, p.jlfPatchRadius, p.jlfSearchRadius, p.seed)
+                              p.jlfAlpha, p.jlfBeta, p.jlfPatchRadius, p.jlfSearchRadius, p.seed,
+                              weightMaps=p.weightMaps, show3D=p.show3D)
 
     def _updateApplyButton(self) -> None:
         if self._run is not None:
-            self.ui.applyButton.text, self.ui.applyButton.enabled = "Cancel", True
+            cancelling = self._run.isCancelling()
+            self.ui.applyButton.text = "Cancelling..." if cancelling else "Cancel"
+            self.ui.applyButton.enabled = not cancelling
             self.ui.applyButton.toolTip = "Stop the running segmentation"
             return
         problems = self.logic.inputProblems(self._inputs(), self._settings())
@@ -269,8 +312,10 @@ class DeepLabelFusionWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     # ------------------------------------------------------------------ run
     def onApplyButton(self) -> None:
-        if self._run is not None:
-            self._run.cancel()
+        if self._run is not None:   # Cancel: returns at once; the timer sees the engine end (killed after a grace)
+            self._run.requestCancel()
+            self.ui.statusLabel.text = "Cancelling..."
+            self._updateApplyButton()
             return
         if not self.logic.ensureEngineDependencies():
             return
@@ -280,6 +325,8 @@ class DeepLabelFusionWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             slicer.util.errorDisplay(f"Cannot start the segmentation: {error}")
             return
         logging.info("DeepLabelFusion: running %s", " ".join(self._run.prepared.command))
+        self.ui.logTextEdit.clear()
+        self.ui.logTextEdit.appendPlainText("$ " + " ".join(self._run.prepared.command))
         self.ui.progressBar.setValue(0)
         self.ui.progressBar.show()
         self.ui.statusLabel.text = "Starting the engine..."
@@ -288,11 +335,18 @@ class DeepLabelFusionWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     def onPollRun(self) -> None:
         run = self._run
-        run.poll()
-        self.ui.progressBar.setValue(int(round(1000 * run.lastProgress.fraction)))
-        self.ui.statusLabel.text = run.lastProgress.message
-        if run.isRunning():
+        if run is None:
+            self._timer.stop()
             return
+        run.poll()
+        self._appendLog(run.newLogLines())
+        self.ui.progressBar.setValue(int(round(1000 * run.lastProgress.fraction)))
+        if not run.isCancelling():
+            self.ui.statusLabel.text = run.lastProgress.message
+        if run.isRunning():
+            self._updateApplyButton()
+            return
+        self._appendLog(run.newLogLines())
         self._timer.stop()
         self._run = None
         try:
@@ -303,6 +357,7 @@ class DeepLabelFusionWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         except EngineError as error:
             logging.error("DeepLabelFusion engine log:\n%s", run.log)
             self.ui.statusLabel.text = "Failed."
+            self.ui.logCollapsibleButton.collapsed = False   # the engine's own words, next to the message
             slicer.util.errorDisplay(f"Segmentation failed: {error}")
         else:
             self._showResult(result)
@@ -310,17 +365,38 @@ class DeepLabelFusionWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self.ui.progressBar.hide()
             self._updateApplyButton()
 
+    def _appendLog(self, lines) -> None:
+        if lines:
+            self.ui.logTextEdit.appendPlainText("\n".join(lines))
+
+    def _forgetRun(self, message: str) -> None:
+        """Stop polling a run that was cancelled from elsewhere (scene or module closed)."""
+        self._timer.stop()
+        if self._run is None:
+            return
+        self._run = None
+        self.ui.progressBar.hide()
+        self.ui.statusLabel.text = message
+        self.ui.applyButton.text = "Apply"
+
     def _showResult(self, result) -> None:
         seconds = sum(result.run.get("timings_s", {}).values())
         summary = f"Done in {seconds:.0f} s with {len(result.run.get('atlases', []))} atlases."
         if result.metrics:
             summary += f" Mean Dice {result.metrics['mean']['dice']:.3f}."
         self.ui.statusLabel.text = summary
+        self._lastSegmentation = result.segmentation
         slicer.util.setSliceViewerLayers(background=self._parameterNode.targetVolume)
         if result.metricsTable is not None:
             self.ui.metricsTableView.setMRMLTableNode(result.metricsTable)
         if result.agreement is not None:
             self.ui.mapSelector.setCurrentNode(result.agreement)
+
+    def onShow3DToggled(self, show: bool) -> None:
+        """After a run, the checkbox shows or hides that run's segmentation in 3D at once."""
+        node = self._lastSegmentation
+        if node is not None and slicer.mrmlScene.IsNodePresent(node):
+            self.logic.showIn3D(node, show)
 
     # ------------------------------------------------------------------ results
     def onMapSelected(self, mapNode) -> None:
@@ -415,12 +491,13 @@ class DeepLabelFusionTest(ScriptedLoadableModuleTest):
             self.skipTest("engine dependencies missing: open the Deep Label Fusion module once to install them")
         result = logic.runBlocking(
             FusionInputs(target, atlasFolder=str(folder), referenceSegmentation=reference),
-            FusionSettings(method="weighted", nAtlases=3, preset="fast", device="cpu"),
+            FusionSettings(method="weighted", nAtlases=3, preset="fast", device="cpu", weightMaps=True, show3D=True),
             onProgress=lambda fraction, message: self.delayDisplay(f"{fraction:.0%} {message}", 10))
         names = {result.segmentation.GetSegmentation().GetNthSegment(k).GetName()
                  for k in range(result.segmentation.GetSegmentation().GetNumberOfSegments())}
         self.assertEqual(names, {"tissue", "ventricles", "deep nucleus", "hippocampus"})
         self.assertEqual(len(result.weightMaps), 3)
+        self.assertTrue(result.segmentation.GetSegmentation().ContainsRepresentation("Closed surface"))
         self.assertGreater(result.metrics["labels"]["1"]["dice"], 0.8)
         labelmap = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLLabelMapVolumeNode")
         slicer.modules.segmentations.logic().ExportAllSegmentsToLabelmapNode(result.segmentation, labelmap)

@@ -14,7 +14,19 @@ from AtlasSegLib.results import PALETTE
 _COLOR_LOGICS = []  # a colour logic removes its default colour nodes when it is deleted: keep them alive
 
 
+def register_segmentation_converters() -> None:
+    """Binary labelmap <-> closed surface conversion, registered as Slicer's Segmentations module does at start-up
+    (the slicer-core wheel has the rules but registers none)."""
+    factory = slicer.vtkSegmentationConverterFactory.GetInstance()
+    registered = {rule.GetName() for rule in factory.GetConverterRules()}
+    for rule in (slicer.vtkBinaryLabelmapToClosedSurfaceConversionRule(),
+                 slicer.vtkClosedSurfaceToBinaryLabelmapConversionRule()):
+        if rule.GetName() not in registered:
+            factory.RegisterConverterRule(rule)
+
+
 def new_scene():
+    register_segmentation_converters()
     scene = slicer.vtkMRMLScene()
     colors = slicer.vtkMRMLColorLogic()
     colors.SetMRMLScene(scene)  # Slicer's default colour nodes, as in the application

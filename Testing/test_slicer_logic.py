@@ -7,6 +7,8 @@ the engine runs as a subprocess (this interpreter, ``-m atlasseg``) on small pha
 from __future__ import annotations
 
 import json
+import os
+import signal
 import sys
 import time
 from pathlib import Path
@@ -19,6 +21,7 @@ slicer = pytest.importorskip("slicer", reason="slicer-core is not installed (pip
 if not hasattr(slicer, "vtkMRMLScene"):
     pytest.skip("the 'slicer' package found is not slicer-core (no vtkMRMLScene)", allow_module_level=True)
 import vtk  # noqa: E402
+from vtk.util import numpy_support  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "DeepLabelFusion"))
@@ -26,21 +29,33 @@ sys.path.insert(0, str(REPO / "DeepLabelFusion"))
 from DeepLabelFusionLib import (  # noqa: E402
     EngineCancelled,
     EngineError,
+    EngineProcess,
     FusionInputs,
     FusionLogic,
     FusionSettings,
     GeometryError,
     ProgressEvent,
     ijkToRasFromImage,
+    methodDescription,
     parseProgressLine,
     readableEngineError,
+    readAtlasFolderModalities,
+    readAtlasSetName,
     updateVolumeNodeFromImage,
     volumeNodeToImage,
 )
 
 from atlasseg.phantom import PHANTOM_LABELS, make_phantom, make_phantom_atlas_set  # noqa: E402
 from AtlasSegLib.geometry import vtkMatrixToNumpy  # noqa: E402
-from AtlasSegLib.results import MAP_STYLES, PALETTE  # noqa: E402
+from AtlasSegLib.results import (  # noqa: E402
+    DICOM_MASTER,
+    GENERAL_ANATOMY,
+    MAP_KIND_ATTRIBUTE,
+    MAP_STYLES,
+    PALETTE,
+    TERMINOLOGY_TAG,
+    structureCode,
+)
 from Testing.slicer_scene import (  # noqa: E402
     array_of,
     dice,
@@ -157,6 +172,103 @@ def test_progress_lines_and_error_messages_are_parsed():
     assert "Device: CPU" in driver
 
 
+TORCH_HINTS = ["CUDA kernel errors might be asynchronously reported at some other API call, so the stacktrace below "
+               "might be incorrect.", "For debugging consider passing CUDA_LAUNCH_BLOCKING=1",
+               "Compile with `TORCH_USE_CUDA_DSA` to enable device-side assertions.", ""]
+
+
+def test_cuda_errors_get_advice_when_torch_adds_hint_lines():
+    """torch prints hint lines after a CUDA error and warns about an unsupported GPU long before: the advice
+    comes from the exception, not from whatever line happens to be last."""
+    traceback = ["Traceback (most recent call last):",
+                 '  File "/x/atlasseg/registration/torch_reg.py", line 88, in run', "    moved = warp(image, field)"]
+    kernel = readableEngineError(1, [*traceback, "RuntimeError: CUDA error: no kernel image is available for "
+                                     "execution on the device", *TORCH_HINTS])
+    assert "does not support this GPU" in kernel and "Device: CPU" in kernel and "PyTorch Utils" in kernel
+    warned = readableEngineError(1, [
+        "/x/torch/cuda/__init__.py:235: UserWarning: NVIDIA B200 with CUDA capability sm_100 is not compatible "
+        "with the current PyTorch installation.", *traceback,
+        "torch.AcceleratorError: CUDA error: the provided PTX was compiled with an unsupported toolchain.",
+        *TORCH_HINTS])
+    assert "does not support this GPU" in warned
+    oom = readableEngineError(1, [*traceback, "torch.OutOfMemoryError: CUDA out of memory. Tried to allocate 1.41 GiB. "
+                                  "GPU 0 has a total capacity of 7.6 GiB of which 312.0 MiB is free.", *TORCH_HINTS])
+    assert oom.startswith("the GPU ran out of memory (torch.OutOfMemoryError: CUDA out of memory.")
+    assert "Device: CPU" in oom and "TORCH_USE_CUDA_DSA" not in oom
+    launch = readableEngineError(1, [*traceback, "RuntimeError: CUDA error: an illegal memory access was "
+                                     "encountered", *TORCH_HINTS])
+    assert launch.startswith("the GPU failed (RuntimeError: CUDA error: an illegal memory access") and \
+        "Device: CPU" in launch
+    other = readableEngineError(1, [*traceback, "ValueError: something else", "  (context line)"])
+    assert other == "the engine stopped unexpectedly: ValueError: something else (full log in the Python console)"
+    missing = readableEngineError(1, [*traceback, "ModuleNotFoundError: No module named 'monai'"])
+    assert "dependency of the engine is missing" in missing
+
+
+# ---------------------------------------------------------------------------------------------- process: cancel, log
+
+@pytest.mark.skipif(os.name == "nt", reason="POSIX signals")
+def test_gui_cancel_returns_at_once_and_kills_after_the_grace_period():
+    """requestCancel: terminate now, return at once; a process that is still shutting down (here: one that
+    ignores SIGTERM) is killed by the watchdog after the grace period, then onStopped runs once."""
+    script = ("import signal, sys, time\n"
+              "signal.signal(signal.SIGTERM, lambda *a: print('shutting down', flush=True))\n"
+              "print('ready', flush=True)\n"
+              "time.sleep(120)\n")
+    process = EngineProcess([sys.executable, "-c", script])
+    deadline = time.time() + 30
+    while "ready" not in process.stdoutLines and time.time() < deadline:
+        time.sleep(0.02)
+    stopped = []
+    grace = 1.5
+    t0 = time.perf_counter()
+    process.requestCancel(grace, onStopped=lambda: stopped.append(time.perf_counter() - t0))
+    assert time.perf_counter() - t0 < 0.2
+    assert process.returnCode() is None and process.isCancelling() and process.cancelled
+    time.sleep(0.5)
+    assert process.returnCode() is None, "still shutting down: SIGTERM is ignored"
+    assert "shutting down" in process.stdoutLines
+    while process.returnCode() is None and time.perf_counter() - t0 < grace + 10:
+        time.sleep(0.05)
+    assert process.returnCode() == -signal.SIGKILL
+    assert grace - 0.1 <= time.perf_counter() - t0 < grace + 10
+    deadline = time.time() + 5
+    while not stopped and time.time() < deadline:
+        time.sleep(0.02)
+    assert len(stopped) == 1 and stopped[0] >= grace - 0.1
+    process.requestCancel(grace, onStopped=lambda: stopped.append(-1.0))   # again: callback at once, no new kill
+    deadline = time.time() + 5
+    while len(stopped) < 2 and time.time() < deadline:
+        time.sleep(0.02)
+    assert stopped[1] == -1.0 and not process.isCancelling()
+
+
+def test_new_log_lines_arrive_incrementally_in_order():
+    """newLogLines: stdout and stderr lines (progress as '[ 50%] message') since the last call, as they arrive."""
+    script = ("import sys, time\n"
+              "for k in range(3):\n"
+              "    print(f'out {k}', flush=True)\n"
+              "    print(f'err {k}', file=sys.stderr, flush=True)\n"
+              "    time.sleep(0.4)\n"
+              "print('PROGRESS 0.5000 fusion', flush=True)\n")
+    process = EngineProcess([sys.executable, "-c", script])
+    batches = []
+    deadline = time.time() + 30
+    while process.returnCode() is None and time.time() < deadline:
+        batches.append(process.newLogLines())
+        time.sleep(0.1)
+    batches.append(process.newLogLines())
+    assert process.newLogLines() == []   # nothing twice
+    lines = [line for batch in batches for line in batch]
+    assert sorted(lines) == sorted(["out 0", "err 0", "out 1", "err 1", "out 2", "err 2", "[ 50%] fusion"])
+    assert [line for line in lines if line.startswith("out")] == ["out 0", "out 1", "out 2"]
+    assert [line for line in lines if line.startswith("err")] == ["err 0", "err 1", "err 2"]
+    first = next(k for k, batch in enumerate(batches) if batch)
+    assert "out 2" not in batches[first], "lines came all at once, not as they arrived"
+    assert list(process.stderrLines) == ["err 0", "err 1", "err 2"]   # the error message still sees stderr
+    assert process.progressEvents() == [ProgressEvent(0.5, "fusion")]
+
+
 @pytest.fixture(scope="module")
 def phantom_atlases(tmp_path_factory) -> Path:
     return make_phantom_atlas_set(tmp_path_factory.mktemp("dlf") / "atlases", n_cases=3, seed=11, **PHANTOM_GRID)
@@ -182,7 +294,7 @@ def weighted_run(phantom_atlases, phantom_target, tmp_path_factory):
     scene, target, reference = phantom_scene(image, labels)
     before = {"target": snapshot(target), "reference": snapshot(reference)}
     logic = FusionLogic(scene, python=sys.executable)
-    events = []
+    events, logBatches = [], []
     work = tmp_path_factory.mktemp("weighted_work")
     t0 = time.perf_counter()
     run = logic.startRun(FusionInputs(target, atlasFolder=str(phantom_atlases), referenceSegmentation=reference),
@@ -191,10 +303,12 @@ def weighted_run(phantom_atlases, phantom_target, tmp_path_factory):
     while run.isRunning():
         time.sleep(0.05)
         events += run.poll()
+        logBatches.append(run.newLogLines())
     events += run.poll()
+    logBatches.append(run.newLogLines())
     result = run.finish()
     return {"scene": scene, "logic": logic, "target": target, "reference": reference, "labels": labels,
-            "result": result, "events": events, "before": before, "command": command, "work": work,
+            "result": result, "events": events, "log": logBatches, "before": before, "command": command, "work": work,
             "seconds": time.perf_counter() - t0,
             "engine_metrics": json.loads((work / "output" / "metrics.json").read_text())}
 
@@ -206,6 +320,15 @@ def test_run_reports_progress_while_running(weighted_run):
     assert fractions == sorted(fractions) and fractions[-1] == 1.0
     assert "registration" in messages and "weighted" in messages
     assert weighted_run["seconds"] < 60
+
+
+def test_run_log_lines_arrive_while_running(weighted_run):
+    batches = [batch for batch in weighted_run["log"] if batch]
+    lines = [line for batch in batches for line in batch]
+    assert len(batches) >= 3, "the log should arrive in pieces while the engine runs"
+    progress = [line for line in lines if line.startswith("[")]
+    assert len(progress) == len(weighted_run["events"])
+    assert any("registration" in line for line in progress) and progress[-1].startswith("[100%]")
 
 
 def test_command_is_the_engine_cli(weighted_run, phantom_atlases):
@@ -244,7 +367,7 @@ def test_result_nodes_names_colours_and_segments(weighted_run):
 
     assert sorted(result.voteMaps) == sorted(PHANTOM_LABELS.values())
     assert result.voteMaps["hippocampus"].GetName() == f"{title} votes hippocampus"
-    assert sorted(result.weightMaps) == sorted(result.run["atlases"]) and len(result.weightMaps) == 3
+    assert not result.weightMaps   # on request only
     assert result.agreement.GetName() == f"{title} atlas agreement"
     assert result.oracle.GetName() == f"{title} oracle coverage"
     for node in result.maps():
@@ -263,7 +386,7 @@ def test_map_display_properties(weighted_run):
     oracle = result.oracle.GetDisplayNode()
     assert oracle.GetColorNodeID() == "vtkMRMLColorTableNodeRed"
     assert oracle.GetApplyThreshold() and (oracle.GetLowerThreshold(), oracle.GetUpperThreshold()) == (0.0, 0.5)
-    weights = next(iter(result.weightMaps.values()))
+    weights = next(iter(weighted_run_reloaded(weighted_run, weightMaps=True)[0].weightMaps.values()))
     weight_array = array_of(weights)
     display = weights.GetDisplayNode()
     assert display.GetColorNodeID() == "vtkMRMLColorTableNodeIron"
@@ -280,6 +403,170 @@ def test_map_display_properties(weighted_run):
     weighted_run["logic"].showMap(result.voteMaps["tissue"], opacity=0.3)
     assert composite.GetForegroundVolumeID() == result.voteMaps["tissue"].GetID()
     assert composite.GetForegroundOpacity() == pytest.approx(0.3)
+
+
+def weighted_run_reloaded(weighted_run, outputSegmentation=None, scene=None, target=None, **settings):
+    """The weighted run's engine outputs loaded again through the logic, into a fresh scene (or the one given)
+    with its own target node: the logic's output options without another engine run."""
+    if scene is None:
+        scene, target, _ = phantom_scene(*make_phantom(4242, **PHANTOM_GRID))
+    logic = FusionLogic(scene, python=sys.executable)
+    result = logic.loadResults(weighted_run["work"] / "output",
+                               FusionInputs(target, atlasFolder=weighted_run["command"][
+                                   weighted_run["command"].index("--atlases") + 1],
+                                   outputSegmentation=outputSegmentation),
+                               FusionSettings(method="weighted", nAtlases=3, **FAST, **settings))
+    return result, scene, target
+
+
+def map_nodes_of_kind(scene, kind: str) -> list:
+    nodes = [scene.GetNthNodeByClass(k, "vtkMRMLScalarVolumeNode")
+             for k in range(scene.GetNumberOfNodesByClass("vtkMRMLScalarVolumeNode"))]
+    return [node for node in nodes if node.GetAttribute(MAP_KIND_ATTRIBUTE) == kind]
+
+
+def test_weight_maps_are_loaded_only_on_request(weighted_run):
+    """The engine writes a weight map per atlas; a default run loads the vote, agreement and oracle maps only."""
+    scene, result = weighted_run["scene"], weighted_run["result"]
+    assert sum(key.startswith("weights_") for key in result.run["files"]) == 3   # written by the engine
+    assert not result.weightMaps and not map_nodes_of_kind(scene, "weights")
+    assert len(map_nodes_of_kind(scene, "votes")) == 5 and len(result.maps()) == 7   # votes, agreement, oracle
+    sh = scene.GetSubjectHierarchyNode()
+    children = vtk.vtkIdList()
+    sh.GetItemChildren(result.folderItemID, children)
+    assert "Weight maps" not in [sh.GetItemName(children.GetId(k)) for k in range(children.GetNumberOfIds())]
+
+    asked, scene, _ = weighted_run_reloaded(weighted_run, weightMaps=True)
+    assert sorted(asked.weightMaps) == sorted(result.run["atlases"])
+    assert len(map_nodes_of_kind(scene, "weights")) == 3
+    weights_item = sh_parent_name(scene, asked.weightMaps["phantom_000"])
+    assert weights_item == "Weight maps"
+    assert asked.weightMaps["phantom_000"].GetName() == "Local weighted voting - phantom target weights phantom_000"
+
+
+def sh_parent_name(scene, node) -> str:
+    sh = scene.GetSubjectHierarchyNode()
+    return sh.GetItemName(sh.GetItemParent(sh.GetItemByDataNode(node)))
+
+
+def test_segments_of_known_structures_get_their_terminology(weighted_run):
+    """Phantom labels: ventricles and hippocampus are standard structures, tissue and deep nucleus are not."""
+    seg = weighted_run["result"].segmentation.GetSegmentation()
+    assert slicer.vtkSegment.GetTerminologyEntryTagName() == TERMINOLOGY_TAG   # the tag the library sets
+    default = slicer.vtkSegment().GetTerminology()   # what Slicer gives a new segment
+    tags = {}
+    for k in range(seg.GetNumberOfSegments()):
+        segment = seg.GetNthSegment(k)
+        tags[segment.GetName()] = segment.GetTerminology()   # the TerminologyEntry tag
+        assert not segment.GetNameAutoGenerated() and not segment.GetColorAutoGenerated()
+    assert tags["hippocampus"] == (f"{DICOM_MASTER}~SCT^123037004^Anatomical Structure~SCT^5366008^Hippocampus~^^~"
+                                   "Anatomic codes - DICOM master list~^^~^^")
+    assert tags["ventricles"] == (f"{GENERAL_ANATOMY}~SCT^123037004^Anatomical Structure~SCT^35764002^Brain ventricle"
+                                  "~^^~Anatomic codes - DICOM master list~^^~^^")
+    assert tags["tissue"] == default and tags["deep nucleus"] == default
+    assert "123037004" not in default
+
+
+# the label names of the real atlas sets (../shared/data/*/dataset.json), with the SNOMED CT code each gets
+REAL_SET_LABELS = {
+    "Hippocampus": {"Anterior": "5366008", "Posterior": "5366008"},
+    "FetalBrainSpinaBifida": {"white matter": "389080008", "ventricles (intra-axial CSF)": "35764002",
+                              "cerebellum": "113305005", "extra-axial CSF": "65216001",
+                              "cortical gray matter": "40146001", "deep gray matter": "389081007",
+                              "brainstem": "119238007", "corpus callosum": "88442005"},
+}
+
+
+def test_structure_codes_of_the_real_atlas_sets_and_other_names():
+    for set_name, labels in REAL_SET_LABELS.items():
+        for label, code in labels.items():
+            assert structureCode(label, set_name).code == code, (set_name, label)
+    shared = Path(__file__).resolve().parents[2] / "shared" / "data"
+    for folder, set_name in (("hippocampus", "Hippocampus"), ("fetal-sb", "FetalBrainSpinaBifida")):
+        if (shared / folder / "dataset.json").is_file():   # the table above is what the sets say
+            dataset = json.loads((shared / folder / "dataset.json").read_text())
+            assert dataset["name"] == set_name and readAtlasSetName(shared / folder) == set_name
+            assert {n for v, n in dataset["labels"].items() if v != "0"} == set(REAL_SET_LABELS[set_name])
+    for name in ("Hippocampus", "hippocampal head", "hippocampus_posterior", "Anterior hippocampus"):
+        assert structureCode(name).meaning == "Hippocampus" and not structureCode(name).modifier, name
+    left = structureCode("Left hippocampal head")
+    assert left.code == "5366008" and "~SCT^5366008^Hippocampus~SCT^7771000^Left~" in left.entry()
+    assert structureCode("Right thalamus").modifier == "SCT^24028007^Right"
+    assert structureCode("Anterior", "Left Hippocampus").modifier == "SCT^7771000^Left"
+    assert structureCode("Thalamus").code == "42695009" and structureCode("Brain stem").code == "119238007"
+    assert structureCode("Grey matter").code == "389081007" and structureCode("CSF").code == "65216001"
+    assert structureCode("Lateral ventricles").code == "66720007"
+    for name in ("Anterior", "tissue", "deep nucleus", "left ventricle", "right ventricle", "left ventricles",
+                 "left cerebellum", "left right hippocampus", "myocardium", "tumour", "label 3"):
+        assert structureCode(name) is None, name
+    assert structureCode("Anterior", "FetalBrainSpinaBifida") is None   # a part of nothing known
+
+
+def segment_geometry(segmentation_node) -> list:
+    """Per segment: name, terminology, colour and the binary labelmap's grid and voxels."""
+    seg = segmentation_node.GetSegmentation()
+    out = []
+    for k in range(seg.GetNumberOfSegments()):
+        segment = seg.GetNthSegment(k)
+        labelmap = segment.GetRepresentation("Binary labelmap")
+        matrix = vtk.vtkMatrix4x4()
+        labelmap.GetImageToWorldMatrix(matrix)
+        out.append((segment.GetName(), segment.GetTerminology(), tuple(np.round(segment.GetColor(), 6)),
+                    vtkMatrixToNumpy(matrix).tobytes(), tuple(labelmap.GetExtent()),
+                    numpy_support.vtk_to_numpy(labelmap.GetPointData().GetScalars()).tobytes()))
+    return out
+
+
+def test_output_segmentation_is_overwritten_exactly_like_a_new_one(weighted_run):
+    """An existing segmentation chosen as output: segments replaced by the result's, transform and reference
+    geometry as a new node's, same display; its name and place are kept."""
+    scene, target, _ = phantom_scene(*make_phantom(4242, **PHANTOM_GRID))
+    fresh, _, _ = weighted_run_reloaded(weighted_run, scene=scene, target=target)
+
+    other = oblique_image(np.uint8) > 500   # other labels on another grid
+    existing = segmentation_from_labels(scene, sitk.Cast(other, sitk.sitkUInt8), {0: "background", 1: "old"},
+                                        "my segmentation")
+    elsewhere = scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", "other grid")
+    updateVolumeNodeFromImage(elsewhere, oblique_image())
+    existing.SetReferenceImageGeometryParameterFromVolumeNode(elsewhere)
+    moved = scene.AddNewNodeByClass("vtkMRMLLinearTransformNode", "moved")
+    shift = vtk.vtkMatrix4x4()
+    shift.SetElement(0, 3, 12.5)
+    moved.SetMatrixTransformToParent(shift)
+    existing.SetAndObserveTransformNodeID(moved.GetID())
+    existing.GetDisplayNode().SetOpacity2DFill(0.9)
+    sh = scene.GetSubjectHierarchyNode()
+    folder = sh.CreateFolderItem(sh.GetSceneItemID(), "my folder")
+    sh.CreateItem(folder, existing)   # (slicer-core has no plugin that makes the item when a node is added)
+
+    result, _, _ = weighted_run_reloaded(weighted_run, outputSegmentation=existing, scene=scene, target=target)
+    assert result.segmentation is existing and existing.GetName() == "my segmentation"
+    assert sh.GetItemParent(sh.GetItemByDataNode(existing)) == folder
+    assert existing.GetParentTransformNode() is None and fresh.segmentation.GetParentTransformNode() is None
+    assert segment_names(existing) == segment_names(fresh.segmentation)
+    assert segment_geometry(existing) == segment_geometry(fresh.segmentation)
+    reference_geometry = slicer.vtkSegmentationConverter.GetReferenceImageGeometryParameterName()
+    assert existing.GetSegmentation().GetConversionParameter(reference_geometry) == \
+        fresh.segmentation.GetSegmentation().GetConversionParameter(reference_geometry) != ""
+    role = existing.GetReferenceImageGeometryReferenceRole()
+    assert existing.GetNodeReference(role) is target and fresh.segmentation.GetNodeReference(role) is target
+    assert existing.GetSegmentation().GetSourceRepresentationName() == "Binary labelmap"
+    assert existing.GetDisplayNode().GetOpacity2DFill() == pytest.approx(0.35)
+    names = dict(PHANTOM_LABELS)
+    assert np.array_equal(label_array_of_segmentation(scene, existing, target, names),
+                          label_array_of_segmentation(scene, fresh.segmentation, target, names))
+
+
+def test_show_in_3d_makes_the_closed_surface(weighted_run):
+    result, _, _ = weighted_run_reloaded(weighted_run, show3D=True)
+    seg = result.segmentation.GetSegmentation()
+    assert seg.ContainsRepresentation("Closed surface")
+    for k in range(seg.GetNumberOfSegments()):
+        assert seg.GetNthSegment(k).GetRepresentation("Closed surface").GetNumberOfPoints() > 0
+    display = result.segmentation.GetDisplayNode()
+    assert display.GetVisibility3D() and display.GetPreferredDisplayRepresentationName3D() == "Closed surface"
+    assert FusionLogic.showIn3D(result.segmentation, False) and not seg.ContainsRepresentation("Closed surface")
+    assert not weighted_run["result"].segmentation.GetSegmentation().ContainsRepresentation("Closed surface")
 
 
 def test_metrics_table_matches_engine_metrics(weighted_run):
@@ -345,8 +632,8 @@ def test_scene_atlas_pairs_become_a_decathlon_folder(phantom_atlases, phantom_ta
     updateVolumeNodeFromImage(target, phantom_target[0])
     pairs = scene_atlas_pairs(scene, phantom_atlases, shuffle_names=True)
     logic = FusionLogic(scene, python=sys.executable)
-    prepared = logic.prepareRun(FusionInputs(target, atlasPairs=pairs), FusionSettings(method="jlf", jlfBeta=3.0),
-                                tmp_path)
+    prepared = logic.prepareRun(FusionInputs(target, atlasPairs=pairs),
+                                FusionSettings(method="jlf", nAtlases=3, jlfBeta=3.0), tmp_path)
     dataset = json.loads((tmp_path / "atlases" / "dataset.json").read_text())
     assert sorted(dataset["labels"].values()) == sorted(PHANTOM_LABELS.values())
     assert [e["image"] for e in dataset["training"]] == [f"./imagesTr/atlas_{k}.nii.gz" for k in range(3)]
@@ -408,6 +695,59 @@ def test_cancel_stops_the_process_quickly(phantom_atlases, phantom_target, tmp_p
     assert scene.GetNumberOfNodes() == nodes_before
 
 
+def started_jlf_run(phantom_atlases, phantom_target):
+    """A slow real run (JLF, accurate registration) that has reported its first progress."""
+    scene = new_scene()
+    target = scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", "target")
+    updateVolumeNodeFromImage(target, phantom_target[0])
+    logic = FusionLogic(scene, python=sys.executable)
+    run = logic.startRun(FusionInputs(target, atlasFolder=str(phantom_atlases)),
+                         FusionSettings(method="jlf", nAtlases=3, preset="accurate", device="cpu"))
+    deadline = time.time() + 60
+    while not run.poll() and run.isRunning() and time.time() < deadline:
+        time.sleep(0.05)
+    assert run.isRunning(), "the engine ended before it could be cancelled"
+    return scene, logic, run
+
+
+def wait_until(condition, seconds: float) -> bool:
+    deadline = time.time() + seconds
+    while not condition() and time.time() < deadline:
+        time.sleep(0.05)
+    return condition()
+
+
+def test_gui_cancel_of_a_real_run_does_not_wait(phantom_atlases, phantom_target):
+    scene, logic, run = started_jlf_run(phantom_atlases, phantom_target)
+    work = run.prepared.workDir
+    t0 = time.perf_counter()
+    run.requestCancel()
+    assert time.perf_counter() - t0 < 0.5
+    assert wait_until(lambda: not run.isRunning(), 10.0)
+    assert run.process.returnCode() != 0 and not run.isCancelling()
+    assert wait_until(lambda: not work.exists(), 5.0)
+    with pytest.raises(EngineCancelled):
+        run.finish()
+    assert logic.activeProcesses() == []
+
+
+def test_closing_the_scene_cancels_the_run(phantom_atlases, phantom_target):
+    """The widget calls logic.onSceneStartClose from its StartCloseEvent observer: wired the same way here."""
+    scene, logic, run = started_jlf_run(phantom_atlases, phantom_target)
+    work = run.prepared.workDir
+    assert logic.activeProcesses() == [run.process]
+    scene.AddObserver(slicer.vtkMRMLScene.StartCloseEvent, logic.onSceneStartClose)
+    t0 = time.perf_counter()
+    scene.Clear(0)
+    assert time.perf_counter() - t0 < 1.0
+    assert run.process.cancelled
+    assert wait_until(lambda: not run.isRunning(), 10.0), "the engine is still running after the grace period"
+    assert wait_until(lambda: not work.exists(), 5.0)
+    with pytest.raises(EngineCancelled):
+        run.finish()
+    assert logic.activeProcesses() == [] and logic.cancelActiveRuns() == 0
+
+
 def test_engine_error_becomes_a_readable_message(phantom_atlases, phantom_target, tmp_path):
     broken = tmp_path / "broken"
     broken.mkdir()
@@ -419,7 +759,8 @@ def test_engine_error_becomes_a_readable_message(phantom_atlases, phantom_target
     updateVolumeNodeFromImage(target, phantom_target[0])
     logic = FusionLogic(scene, python=sys.executable)
     with pytest.raises(EngineError) as error:
-        logic.runBlocking(FusionInputs(target, atlasFolder=str(broken)), FusionSettings(method="majority", **FAST))
+        logic.runBlocking(FusionInputs(target, atlasFolder=str(broken)),
+                          FusionSettings(method="majority", nAtlases=3, **FAST))
     message = str(error.value)
     assert message.endswith("missing.nii.gz: label listed in dataset.json not found"), message
     assert "Traceback" not in message and "\n" not in message
@@ -429,13 +770,37 @@ def test_input_problems_are_explained(phantom_atlases, tmp_path):
     scene = new_scene()
     target = scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", "target")
     logic = FusionLogic(scene, python=sys.executable)
+    reference = scene.AddNewNodeByClass("vtkMRMLSegmentationNode", "reference")
+    assert logic.inputProblems(FusionInputs(target, atlasFolder=str(phantom_atlases), referenceSegmentation=reference,
+                                            outputSegmentation=reference), FusionSettings(nAtlases=3)) == [
+        "The output segmentation cannot be the reference; choose another or create a new one."]
     assert logic.inputProblems(FusionInputs(None), FusionSettings()) == [
         "Select a target volume.", "Choose an atlas folder or add atlas image + segmentation pairs."]
     assert logic.inputProblems(FusionInputs(target, atlasFolder=str(tmp_path)), FusionSettings()) == [
         f"No dataset.json in the atlas folder {tmp_path}."]
     assert logic.inputProblems(FusionInputs(target, atlasFolder=str(phantom_atlases)),
-                               FusionSettings(method="dlf")) == ["Deep Label Fusion needs a model folder."]
-    assert logic.inputProblems(FusionInputs(target, atlasFolder=str(phantom_atlases)), FusionSettings()) == []
+                               FusionSettings(method="dlf", nAtlases=3)) == ["Deep Label Fusion needs a model folder."]
+    assert logic.inputProblems(FusionInputs(target, atlasFolder=str(phantom_atlases)), FusionSettings()) == [
+        "The atlas set has 3 atlas(es): set the number of atlases to at most 3."]   # the default 10 is refused
+    assert logic.inputProblems(FusionInputs(target, atlasFolder=str(phantom_atlases)),
+                               FusionSettings(nAtlases=3)) == []
+
+
+def test_panel_texts_method_notes_and_modalities(phantom_atlases, tmp_path):
+    """What the panel shows under the method and beside the target comes from the registry and the atlas set."""
+    dlf = methodDescription("dlf")
+    assert "trained model folder" in dlf and "atlasseg train --method dlf" in dlf and "README" in dlf
+    from atlasseg.methods import METHODS as REGISTRY
+
+    jlf = REGISTRY["jlf"].description
+    assert methodDescription("jlf") == f"{jlf[0].upper()}{jlf[1:]}. No training needed."
+    assert "No training needed" in methodDescription("majority") and methodDescription("nonsense") == ""
+    phantom = json.loads((phantom_atlases / "dataset.json").read_text())
+    assert readAtlasFolderModalities(phantom_atlases) == [phantom["modality"]["0"]]
+    assert readAtlasSetName(phantom_atlases) == phantom["name"]
+    (tmp_path / "dataset.json").write_text(json.dumps({"channel_names": {"1": "FLAIR", "0": "T1"}, "labels": {}}))
+    assert readAtlasFolderModalities(tmp_path) == ["T1", "FLAIR"] and readAtlasSetName(tmp_path) == ""
+    assert readAtlasFolderModalities(tmp_path / "missing") == []
 
 
 def test_deep_label_fusion_passes_the_model_folder(phantom_atlases, phantom_target, tmp_path):
@@ -446,7 +811,7 @@ def test_deep_label_fusion_passes_the_model_folder(phantom_atlases, phantom_targ
     model.mkdir()
     prepared = FusionLogic(scene, python=sys.executable).prepareRun(
         FusionInputs(target, atlasFolder=str(phantom_atlases)),
-        FusionSettings(method="dlf", modelFolder=str(model), device="gpu"), tmp_path / "work")
+        FusionSettings(method="dlf", nAtlases=3, modelFolder=str(model), device="gpu"), tmp_path / "work")
     command = prepared.command
     assert command[command.index("--method") + 1] == "dlf"
     assert command[command.index("--model") + 1] == str(model)
@@ -480,6 +845,7 @@ def test_deep_label_fusion_run_end_to_end(phantom_atlases, phantom_target, tiny_
         FusionInputs(target, atlasFolder=str(phantom_atlases), referenceSegmentation=reference),
         FusionSettings(method="dlf", modelFolder=str(tiny_dlf_model), nAtlases=2, **FAST),
         onProgress=lambda fraction, message: events.append((fraction, message)))
+    assert not result.weightMaps and not map_nodes_of_kind(scene, "weights")   # on request only
     assert result.segmentation.GetName() == "Deep Label Fusion - phantom target segmentation"
     assert result.initialSegmentation.GetName() == "Deep Label Fusion - phantom target initial segmentation"
     assert not result.initialSegmentation.GetDisplayNode().GetVisibility()
@@ -490,3 +856,24 @@ def test_deep_label_fusion_run_end_to_end(phantom_atlases, phantom_target, tiny_
     for value, entry in result.metrics["labels"].items():
         assert dice(predicted == int(value), truth == int(value)) == pytest.approx(entry["dice"], abs=1e-12)
     assert result.metrics["labels"]["1"]["dice"] > 0.5  # one epoch of a tiny network: only a sanity floor
+
+
+def test_deep_label_fusion_weight_maps_3d_and_overwrite_through_a_run(phantom_atlases, phantom_target,
+                                                                      tiny_dlf_model):
+    """The panel's output options on a real DLF run: weight maps per atlas and label, closed surface, and the
+    result written into an existing segmentation."""
+    image, labels = phantom_target
+    scene, target, _ = phantom_scene(image, labels)
+    existing = scene.AddNewNodeByClass("vtkMRMLSegmentationNode", "overwrite me")
+    existing.GetSegmentation().AddEmptySegment("old", "old")
+    result = FusionLogic(scene, python=sys.executable).runBlocking(
+        FusionInputs(target, atlasFolder=str(phantom_atlases), outputSegmentation=existing),
+        FusionSettings(method="dlf", modelFolder=str(tiny_dlf_model), nAtlases=2, weightMaps=True, show3D=True,
+                       **FAST))
+    written = [key for key in result.run["files"] if key.startswith("weights_")]
+    assert len(written) == len(result.run["atlases"]) * len(result.run["labels"]) == 2 * 5
+    assert len(result.weightMaps) == len(written) == len(map_nodes_of_kind(scene, "weights"))
+    assert result.segmentation is existing and existing.GetName() == "overwrite me"
+    assert "old" not in segment_names(existing) and set(segment_names(existing)) <= set(PHANTOM_LABELS.values())
+    assert existing.GetSegmentation().ContainsRepresentation("Closed surface")
+    assert not result.initialSegmentation.GetSegmentation().ContainsRepresentation("Closed surface")

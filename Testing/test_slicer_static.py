@@ -24,8 +24,9 @@ REPO = Path(__file__).resolve().parents[1]
 MODULES_WITH_GUI = ["DeepLabelFusion", "AtlasNetSeg"]
 LIBRARY = "AtlasSegLib"
 # per module: the fewest widgets its code should use, and parameters its .ui must bind
-MIN_WIDGETS_USED = {"DeepLabelFusion": 15, "AtlasNetSeg": 12}
-BOUND_PARAMETERS = {"DeepLabelFusion": {"targetVolume", "atlasFolder", "nAtlases", "jlfAlpha"},
+MIN_WIDGETS_USED = {"DeepLabelFusion": 25, "AtlasNetSeg": 12}
+BOUND_PARAMETERS = {"DeepLabelFusion": {"targetVolume", "atlasFolder", "nAtlases", "jlfAlpha", "outputSegmentation",
+                                        "show3D", "weightMaps"},
                     "AtlasNetSeg": {"targetVolume", "extraModality1", "modelFolder", "networkSegmentations"}}
 
 
@@ -65,6 +66,41 @@ def parameter_node_fields(module_py: Path) -> set[str]:
     raise AssertionError(f"{module_py}: no @parameterNodeWrapper class")
 
 
+def ui_widgets(path: Path) -> dict[str, ET.Element]:
+    """objectName -> <widget> element of every widget in a .ui file."""
+    return {w.get("name"): w for w in ET.parse(path).getroot().iter("widget")}
+
+
+def ui_property(widget: ET.Element, name: str):
+    """A widget's own property value (string, bool, number or set/enum text), None when not set."""
+    for prop in widget.findall("property"):
+        if prop.get("name") == name:
+            value = next(iter(prop))
+            return {"true": True, "false": False}.get(value.text, value.text) if value.tag == "bool" else value.text
+    return None
+
+
+def ui_ancestors(path: Path, name: str) -> list[str]:
+    """Names of the widgets that contain widget ``name``, innermost first."""
+    root = ET.parse(path).getroot()
+    parents = {child: parent for parent in root.iter() for child in parent}
+    chain, node = [], next(w for w in root.iter("widget") if w.get("name") == name)
+    while node in parents:
+        node = parents[node]
+        if node.tag == "widget":
+            chain.append(node.get("name"))
+    return chain
+
+
+def module_dict_literal(module: str, variable: str) -> dict:
+    """A top-level dict literal of a module file (read without importing Slicer's qt)."""
+    tree = ast.parse((REPO / module / f"{module}.py").read_text())
+    for node in tree.body:
+        if isinstance(node, ast.Assign) and any(getattr(t, "id", None) == variable for t in node.targets):
+            return ast.literal_eval(node.value)
+    raise AssertionError(f"{module}.py has no {variable}")
+
+
 def cmake_list(text: str, variable: str) -> list[str]:
     match = re.search(r"set\(\s*" + variable + r"\s+(.*?)\)", text, re.S)
     assert match, f"set({variable} ...) not found"
@@ -94,6 +130,67 @@ def test_ui_parameter_names_are_parameter_node_fields(module):
     fields = parameter_node_fields(REPO / module / f"{module}.py")
     assert BOUND_PARAMETERS[module] <= bound
     assert bound <= fields, f"SlicerParameterName without a parameter: {sorted(bound - fields)}"
+
+
+def test_deep_label_fusion_panel_sections_and_widgets():
+    """Outputs (new or overwritten segmentation, 3D), weight maps in the collapsed Advanced section, a read-only
+    log pane collapsed by default, and the method's note as a visible label under the method."""
+    path = ui_file("DeepLabelFusion")
+    widgets = ui_widgets(path)
+
+    def collapsed_section(name: str) -> str:
+        section = next(a for a in ui_ancestors(path, name) if widgets[a].get("class") == "ctkCollapsibleButton")
+        return section if ui_property(widgets[section], "collapsed") else ""
+
+    output = widgets["outputSegmentationSelector"]
+    assert output.get("class") == "qMRMLNodeComboBox" and ui_property(output, "noneEnabled") is True
+    assert [s.text for s in output.iter("string")][0] == "vtkMRMLSegmentationNode"
+    assert ui_property(output, "noneDisplay") == "Create new segmentation"
+    assert ui_ancestors(path, "outputSegmentationSelector")[0] == "outputsCollapsibleButton"
+    assert widgets["show3DCheckBox"].get("class") == "QCheckBox"
+    assert ui_ancestors(path, "show3DCheckBox")[0] == "outputsCollapsibleButton"
+
+    assert widgets["weightMapsCheckBox"].get("class") == "QCheckBox"
+    assert ui_property(widgets["weightMapsCheckBox"], "text") == "Weight maps per atlas"
+    assert collapsed_section("weightMapsCheckBox") == "advancedCollapsibleButton"
+    assert collapsed_section("jlfAlphaSpinBox") == "advancedCollapsibleButton"
+
+    log = widgets["logTextEdit"]
+    assert log.get("class") == "QPlainTextEdit" and ui_property(log, "readOnly") is True
+    assert collapsed_section("logTextEdit") == "logCollapsibleButton"
+
+    note = widgets["methodNoteLabel"]
+    assert note.get("class") == "QLabel" and ui_property(note, "wordWrap") is True
+    assert ui_ancestors(path, "methodNoteLabel")[0] == "settingsCollapsibleButton"
+    assert not collapsed_section("methodNoteLabel")
+    code = (REPO / "DeepLabelFusion" / "DeepLabelFusion.py").read_text()
+    assert "self.ui.methodNoteLabel.text = methodDescription(p.method)" in code
+    for call in ("self.logic.onSceneStartClose()", "self.logic.cancelActiveRuns()", "self._run.requestCancel()",
+                 "run.newLogLines()"):
+        assert call in code, call
+    assert "self._run.cancel()" not in code   # the blocking cancel never runs in the GUI thread
+
+
+def test_deep_label_fusion_panel_speaks_plainly():
+    """No bare jargon on screen: every label, check box and choice says what it is; inputs explain themselves."""
+    path = ui_file("DeepLabelFusion")
+    widgets = ui_widgets(path)
+    shown = [ui_property(w, "text") or ui_property(w, "title") or "" for w in widgets.values()]
+    shown += [*module_dict_literal("DeepLabelFusion", "BACKEND_LABELS").values(),
+              *module_dict_literal("DeepLabelFusion", "PRESET_LABELS").values(),
+              *module_dict_literal("DeepLabelFusion", "DEVICE_LABELS").values()]
+    for text in shown:   # a bare "Alpha:" or "Greedy", or the engine's internal name "torch", says nothing
+        assert not re.fullmatch(r"\s*(alpha|beta|greedy)\s*:?\s*", text, re.I), f"unexplained: {text!r}"
+        assert not re.search(r"\btorch\b", text, re.I), f"'torch' is the engine's name for it: {text!r}"
+    backends = module_dict_literal("DeepLabelFusion", "BACKEND_LABELS")
+    assert "PyTorch" in backends["torch"] and "GPU" in backends["torch"] and "CPU" in backends["greedy"]
+    assert ui_property(widgets["jlfAlphaLabel"], "text").endswith("(alpha):")
+    assert ui_property(widgets["jlfBetaLabel"], "text").endswith("(beta):")
+    assert ui_property(widgets["targetVolumeLabel"], "text") == "Target volume (modality 1):"
+    inputs = {"QComboBox", "QSpinBox", "QDoubleSpinBox", "QCheckBox", "ctkPathLineEdit", "qMRMLNodeComboBox"}
+    for name, widget in widgets.items():
+        if widget.get("class") in inputs and name not in ("atlasImageSelector",):
+            assert ui_property(widget, "toolTip"), f"{name} has no tooltip"
 
 
 @pytest.mark.parametrize("module", MODULES_WITH_GUI)
@@ -290,21 +387,29 @@ def look_alike_loader():
 
 def deep_label_fusion_example(panel) -> None:
     """The state shown in DeepLabelFusion's screenshot: joint label fusion with an atlas folder."""
-    from PySide6.QtWidgets import QComboBox, QLineEdit, QWidget
+    from PySide6.QtWidgets import QComboBox, QLabel, QLineEdit, QWidget
 
     sys.path.insert(0, str(REPO / "DeepLabelFusion"))
-    from DeepLabelFusionLib import METHODS
 
-    examples = {"targetVolumeSelector": "case_017 T1", "extraModality1Selector": "None",
-                "extraModality2Selector": "None", "referenceSegmentationSelector": "case_017 manual segmentation",
+    from DeepLabelFusionLib import METHODS, methodDescription
+
+    labels = {name: module_dict_literal("DeepLabelFusion", name)
+              for name in ("BACKEND_LABELS", "PRESET_LABELS", "DEVICE_LABELS")}
+    examples = {"targetVolumeSelector": "case_017 T1", "referenceSegmentationSelector": "case_017 manual segmentation",
                 "atlasImageSelector": "None", "atlasSegmentationSelector": "None", "mapSelector": "None",
-                "backendComboBox": "Torch (GPU when present)", "presetComboBox": "Default", "deviceComboBox": "Auto"}
+                "outputSegmentationSelector": "Create new segmentation",
+                "backendComboBox": labels["BACKEND_LABELS"]["torch"],
+                "presetComboBox": labels["PRESET_LABELS"]["default"],
+                "deviceComboBox": labels["DEVICE_LABELS"]["auto"]}
     for name, text in examples.items():
         panel.findChild(QComboBox, name).addItem(text)
     panel.findChild(QComboBox, "methodComboBox").addItems(list(METHODS.values()))
-    panel.findChild(QComboBox, "methodComboBox").setCurrentIndex(2)
+    panel.findChild(QComboBox, "methodComboBox").setCurrentIndex(list(METHODS).index("jlf"))
+    panel.findChild(QLabel, "methodNoteLabel").setText(methodDescription("jlf"))
+    panel.findChild(QLabel, "targetVolumeLabel").setText("Target volume (modality 1: MRI):")
     panel.findChild(QLineEdit, "atlasFolderPathLineEdit").setText("/data/atlases/hippocampus")
-    for hidden in ("atlasPairsWidget", "modelFolderLabel", "modelFolderPathLineEdit", "progressBar"):
+    for hidden in ("atlasPairsWidget", "modelFolderLabel", "modelFolderPathLineEdit", "progressBar",
+                   "extraModality1Label", "extraModality1Selector", "extraModality2Label", "extraModality2Selector"):
         panel.findChild(QWidget, hidden).hide()
 
 
@@ -339,11 +444,20 @@ PANEL_EXAMPLES = {"DeepLabelFusion": deep_label_fusion_example, "AtlasNetSeg": a
 def render_panel(module: str, png: Path) -> tuple[int, int]:
     """Render the module panel, Slicer widgets replaced by look-alike Qt widgets and an example state filled in."""
     qt_app()
+    from PySide6.QtCore import Qt
     from PySide6.QtWidgets import QGroupBox, QSlider, QWidget
 
     panel = load_ui(ui_file(module), look_alike_loader())
     for box in panel.findChildren(QGroupBox):
-        box.setTitle(str(box.property("text") or ""))
+        if box.property("text") is None:   # a real group box, not a collapsible section's stand-in
+            continue
+        collapsed = bool(box.property("collapsed"))
+        box.setTitle(("\u25b8 " if collapsed else "\u25be ") + str(box.property("text") or ""))
+        if collapsed:   # as Slicer shows it: the title only
+            for child in box.findChildren(QWidget, options=Qt.FindDirectChildrenOnly):
+                child.hide()
+            box.setFlat(True)
+            box.setFixedHeight(box.fontMetrics().height() + 4)
     PANEL_EXAMPLES[module](panel)
     panel.findChild(QWidget, "applyButton").setEnabled(True)
     slider = panel.findChild(QSlider, "mapOpacitySlider")   # the .ui's 0..1 range, in hundredths

@@ -13,10 +13,8 @@ the arguments answer at once; the engine is imported inside the commands.
 from __future__ import annotations
 
 import argparse
-import ast
 import contextlib
 import dataclasses
-import functools
 import json
 import os
 import secrets
@@ -32,39 +30,20 @@ from .config import add_dataclass_args, dataclass_from, overrides_from_args, rea
 from .methods import (
     BACKENDS,
     DATA_FIELDS,
+    DEFAULT_BACKEND,
+    DEFAULT_PRESET,
+    JLF_DEFAULTS,
     REGISTRATION_PRESETS,
+    RUN_RECORD,
     config_classes,
     get_method,
     implementation,
     method_names,
 )
 
-
-@functools.cache
-def _source_defaults(relative: str, function: str) -> dict:
-    """Keyword defaults of ``function`` in the engine file ``relative``, read from its source (literal values
-    only): the one place they are written, without importing torch for ``--help``."""
-    tree = ast.parse((Path(__file__).parent / relative).read_text())
-    for node in ast.walk(tree):
-        if isinstance(node, ast.FunctionDef) and node.name == function:
-            a = node.args
-            positional = a.posonlyargs + a.args
-            pairs = list(zip(positional[len(positional) - len(a.defaults):], a.defaults))
-            pairs += [(arg, d) for arg, d in zip(a.kwonlyargs, a.kw_defaults) if d is not None]
-            out = {}
-            for arg, default in pairs:
-                with contextlib.suppress(ValueError, SyntaxError):
-                    out[arg.arg] = ast.literal_eval(default)
-            return out
-    raise LookupError(f"{relative}: no function {function}")
-
-
 PRESETS = REGISTRATION_PRESETS
-# joint label fusion's defaults, read from the function that applies them (no second copy)
-JLF_DEFAULTS = {k: _source_defaults("fusion/jlf.py", "joint_label_fusion")[k]
-                for k in ("alpha", "beta", "patch_radius", "search_radius")}
-# registration defaults of the methods without a model: those of the pipeline function that applies them
-REGISTRATION_DEFAULTS = {k: _source_defaults("pipeline.py", "segment")[k] for k in ("backend", "preset")}
+# registration defaults of the methods without a model (a model carries its own)
+REGISTRATION_DEFAULTS = {"backend": DEFAULT_BACKEND, "preset": DEFAULT_PRESET}
 MAX_DEFAULT_THREADS = 4
 BENCHMARK_SUITES = ("hippocampus", "fetal", "dlf-hippocampus", "dlf-fetal-sb", "dlf-generalise", "backbones",
                     "instances", "atlasnet", "atlasnet-fetal-sb")
@@ -274,10 +253,9 @@ def _check_output_folder(output: Path, inputs: list[Path], overwrite: bool) -> N
         if not overwrite:
             raise ValueError(f"{output}: the output folder exists and is not empty (choose another, or pass "
                              "--overwrite to replace it once the new run is complete)")
-        from .pipeline import RUN_RECORD
-
-        if not (output / RUN_RECORD).is_file():
-            raise ValueError(f"{output}: not the output folder of an earlier run (no {RUN_RECORD}); --overwrite "
+        record = RUN_RECORD
+        if not (output / record).is_file():
+            raise ValueError(f"{output}: not the output folder of an earlier run (no {record}); --overwrite "
                              "replaces only those: choose another output folder")
 
 
@@ -300,7 +278,7 @@ def _staged_output(output: Path, overwrite: bool) -> Iterator[Path]:
     """A fresh hidden folder beside ``output`` (creating it proves the location writable, before any work); on
     success it becomes ``output`` (an earlier run's folder is replaced only then), on any error or interrupt it is
     removed, with the parent folders created for it."""
-    final = Path(os.path.abspath(output))
+    final = Path(os.path.realpath(output) if os.path.islink(output) else os.path.abspath(output))
     created = []
     ancestor = final.parent
     while not ancestor.exists():
@@ -324,11 +302,24 @@ def _staged_output(output: Path, overwrite: bool) -> Iterator[Path]:
                     raise ValueError(f"{output}: the output folder appeared during the run; the run is not "
                                      "moved over it (pass --overwrite)")
                 old = final.parent / f".{final.name}.atlasseg-{os.getpid()}-{secrets.token_hex(4)}.old"
-                os.rename(final, old)
-                os.rename(staging, final)
+                try:
+                    os.rename(final, old)
+                except OSError as err:
+                    raise ValueError(f"{output}: cannot replace the earlier run ({err.strerror or err}); the "
+                                     "new run is not kept") from None
+                try:
+                    os.rename(staging, final)
+                except OSError as err:
+                    os.rename(old, final)       # the earlier run back in place
+                    raise ValueError(f"{output}: cannot move the run into place ({err.strerror or err})") from None
                 shutil.rmtree(old, ignore_errors=True)
             else:
-                os.replace(staging, final)      # also over an empty folder
+                try:
+                    if final.is_dir():
+                        final.rmdir()           # empty: renaming over it is not portable
+                    os.rename(staging, final)
+                except OSError as err:
+                    raise ValueError(f"{output}: cannot move the run into place ({err.strerror or err})") from None
             done = True
     finally:
         if not done:
@@ -384,6 +375,8 @@ def _check_segment_args(args, method) -> None:
                          "fuses)")
     if args.n_atlases is not None and args.n_atlases < 1:
         raise ValueError(f"--n-atlases {args.n_atlases}: at least 1 atlas is needed")
+    if not method.trains and args.n_atlases is not None and args.atlas_ids:
+        _check_atlas_count(args, list(args.atlas_ids), "--atlas-ids", subset_ok=False)
     if not method.uses_atlases:
         unused = [flag for flag, value in (("--n-atlases", args.n_atlases), ("--atlas-ids", args.atlas_ids),
                                            ("--backend", args.backend), ("--preset", args.preset))
@@ -432,14 +425,16 @@ def _segment(args) -> int:
     inputs = [Path(p) for p in [*args.target, args.atlases, args.model, args.reference] if p]
     _check_output_folder(output, inputs, args.overwrite)
     with _staged_output(output, args.overwrite) as staging, _torch_threads(args.threads) as threads:
+        from .device import resolve_device
         from .pipeline import staged_run_folder
 
         with staged_run_folder(staging, output):
+            device = str(resolve_device(args.device))       # "cuda" without a GPU is an error here
             run, registration = _prepare_segment(args, method)
             inputs_s = time.perf_counter() - started
             result = run()
             metrics = _save_run(args, result, staging, inputs_s, started,
-                                {"threads": threads, "device": args.device, "registration": registration})
+                                {"threads": threads, "device": device, "registration": registration})
     print(f"segmentation: {output / 'segmentation.nii.gz'}")
     if metrics is not None:
         print(" ".join(f"dice[{m['name']}]={m['dice']:.3f}" for m in metrics["labels"].values()))

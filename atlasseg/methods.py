@@ -17,6 +17,13 @@ from dataclasses import dataclass
 
 BACKENDS = ("torch", "greedy")
 REGISTRATION_PRESETS = ("fast", "default", "accurate", "affine")
+# Defaults of the methods without a model (a trained model carries its own registration settings), and joint
+# label fusion's parameters (as antsJointFusion). Written once, here, so that ``--help`` and the Slicer panel read
+# them without torch; the functions that apply them take them from here.
+DEFAULT_BACKEND = "torch"
+DEFAULT_PRESET = "default"
+JLF_DEFAULTS = {"alpha": 0.1, "beta": 2.0, "patch_radius": 2, "search_radius": 3}
+RUN_RECORD = "run.json"     # the record every run writes last (schema in the README)
 DATA_FIELDS = ("n_labels", "n_modalities")   # architecture fields taken from the atlas set, never from flags
 
 

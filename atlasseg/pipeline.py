@@ -29,6 +29,7 @@ from .io import (
     tensor_to_image,
     write_image,
 )
+from .methods import DEFAULT_BACKEND, DEFAULT_PRESET, RUN_RECORD
 from .progress import Progress
 from .registration import Registration, normalized_tensor, register, warp_atlases
 
@@ -122,7 +123,6 @@ class SegmentationResult:
 
 RUN_FORMAT = "atlasseg-run"
 RUN_VERSION = 1
-RUN_RECORD = "run.json"
 
 
 _STAGED: dict[str, Path] = {}     # a run folder being written (absolute path) -> the folder it becomes
@@ -149,7 +149,10 @@ def _final_files(out_dir: str | Path, files: dict) -> dict:
     moved = {}
     for key, value in files.items():
         path = os.path.abspath(str(value))
-        inside = os.path.commonpath([path, staging]) == staging
+        try:
+            inside = os.path.commonpath([path, staging]) == staging
+        except ValueError:          # another drive
+            inside = False
         moved[key] = str(final / os.path.relpath(path, staging)) if inside else value
     return moved
 
@@ -221,8 +224,8 @@ class PreparedAtlases:
 
 
 def prepare(target: Sequence[sitk.Image], atlas_set: AtlasSet, n_atlases: int | None = 10,
-            atlas_ids: Sequence[str] | None = None, exclude: Sequence[str] = (), backend: str = "torch",
-            device: str = "auto", preset: str = "default", registration_params: dict | None = None,
+            atlas_ids: Sequence[str] | None = None, exclude: Sequence[str] = (), backend: str = DEFAULT_BACKEND,
+            device: str = "auto", preset: str = DEFAULT_PRESET, registration_params: dict | None = None,
             seed: int = 0, atlases: Sequence[LoadedCase] | None = None,
             progress: Progress | None = None) -> PreparedAtlases:
     """Choose, load, register and warp atlases onto the target."""
@@ -284,8 +287,8 @@ def fuse_prepared(prepared: PreparedAtlases, method: str, fusion_params: dict | 
 
 
 def segment(target: Sequence[sitk.Image], atlas_set: AtlasSet, method: str = "jlf", n_atlases: int | None = 10,
-            atlas_ids: Sequence[str] | None = None, exclude: Sequence[str] = (), backend: str = "torch",
-            device: str = "auto", preset: str = "default", fusion_params: dict | None = None,
+            atlas_ids: Sequence[str] | None = None, exclude: Sequence[str] = (), backend: str = DEFAULT_BACKEND,
+            device: str = "auto", preset: str = DEFAULT_PRESET, fusion_params: dict | None = None,
             registration_params: dict | None = None, seed: int = 0, show_progress: bool = True,
             atlases: Sequence[LoadedCase] | None = None) -> SegmentationResult:
     """Segment a target with an atlas set.

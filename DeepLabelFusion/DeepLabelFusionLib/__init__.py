@@ -22,7 +22,10 @@ from AtlasSegLib import (
 
 from .logic import (
     BACKENDS,
+    DEFAULT_BACKEND,
+    DEFAULT_PRESET,
     DEVICES,
+    JLF_DEFAULTS,
     MAP_KIND_ATTRIBUTE,
     METHODS,
     PRESETS,
@@ -31,13 +34,18 @@ from .logic import (
     FusionResultNodes,
     FusionRun,
     FusionSettings,
+    methodDescription,
     readAtlasFolderLabels,
+    readAtlasFolderModalities,
+    readAtlasSetName,
 )
 
 __all__ = [
-    "BACKENDS", "DEVICES", "MAP_KIND_ATTRIBUTE", "METHODS", "PRESETS", "EngineCancelled", "EngineError",
+    "BACKENDS", "DEFAULT_BACKEND", "DEFAULT_PRESET", "JLF_DEFAULTS", "DEVICES", "MAP_KIND_ATTRIBUTE", "METHODS",
+    "PRESETS", "EngineCancelled", "EngineError",
     "EngineProcess", "FusionInputs", "FusionLogic", "FusionResultNodes", "FusionRun", "FusionSettings",
     "GeometryError", "ProgressEvent", "findEngineRoot", "ijkToRasFromImage", "missingPipDependencies",
-    "parseProgressLine", "readAtlasFolderLabels", "readableEngineError", "torchIsInstalled",
+    "methodDescription", "parseProgressLine", "readAtlasFolderLabels", "readAtlasFolderModalities", "readAtlasSetName",
+    "readableEngineError", "torchIsInstalled",
     "updateVolumeNodeFromImage", "volumeNodeToImage",
 ]

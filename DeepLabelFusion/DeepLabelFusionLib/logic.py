@@ -40,27 +40,34 @@ try:  # the engine's method registry (atlasseg.methods), read without importing 
     METHODS = REGISTRY.slicer_methods("DeepLabelFusion")  # engine name -> label shown to the user
     BACKENDS = tuple(REGISTRY.BACKENDS)
     PRESETS = tuple(REGISTRY.REGISTRATION_PRESETS)
+    DEFAULT_BACKEND, DEFAULT_PRESET = REGISTRY.DEFAULT_BACKEND, REGISTRY.DEFAULT_PRESET
+    JLF_DEFAULTS = dict(REGISTRY.JLF_DEFAULTS)
 except EngineError:  # no engine beside the module: the panel still opens and Apply names the problem
     REGISTRY, METHODS, BACKENDS, PRESETS = None, {}, (), ()
+    DEFAULT_BACKEND = DEFAULT_PRESET = ""    # nothing runs without the engine: no second copy of its defaults
+    JLF_DEFAULTS = dict.fromkeys(("alpha", "beta", "patch_radius", "search_radius"), 0)
 
-__all__ = ["BACKENDS", "DEVICES", "MAP_KIND_ATTRIBUTE", "MAP_STYLES", "METHODS", "PALETTE", "PRESETS",
-           "FusionInputs", "FusionLogic", "FusionResultNodes", "FusionRun", "FusionSettings", "MapStyle",
-           "readAtlasFolderLabels"]
+__all__ = ["BACKENDS", "DEFAULT_BACKEND", "DEFAULT_PRESET", "DEVICES", "MAP_KIND_ATTRIBUTE", "MAP_STYLES", "METHODS",
+           "PALETTE", "PRESETS", "FusionInputs", "FusionLogic", "FusionResultNodes", "FusionRun", "FusionSettings",
+           "MapStyle", "JLF_DEFAULTS", "methodDescription", "readAtlasFolderCaseCount", "readAtlasFolderLabels",
+           "readAtlasFolderModalities", "readAtlasSetName"]
 
 
 @dataclass
 class FusionSettings:
     method: str = "jlf"
     nAtlases: int = 10
-    backend: str = "torch"
-    preset: str = "default"
+    backend: str = DEFAULT_BACKEND
+    preset: str = DEFAULT_PRESET
     device: str = "auto"           # auto, cpu or gpu
     modelFolder: str = ""          # Deep Label Fusion only
-    jlfAlpha: float = 0.1
-    jlfBeta: float = 2.0
-    jlfPatchRadius: int = 2
-    jlfSearchRadius: int = 3
+    jlfAlpha: float = JLF_DEFAULTS["alpha"]
+    jlfBeta: float = JLF_DEFAULTS["beta"]
+    jlfPatchRadius: int = JLF_DEFAULTS["patch_radius"]
+    jlfSearchRadius: int = JLF_DEFAULTS["search_radius"]
     seed: int = 0
+    weightMaps: bool = False       # also load the weight maps per atlas (DLF: per atlas and label; many volumes)
+    show3D: bool = False           # show the segmentation in 3D (closed-surface representation)
 
 
 @dataclass
@@ -70,6 +77,7 @@ class FusionInputs:
     atlasFolder: str = ""                                  # a Decathlon folder with dataset.json, or
     atlasPairs: list = field(default_factory=list)         # [(vtkMRMLScalarVolumeNode, vtkMRMLSegmentationNode)]
     referenceSegmentation: object = None                   # vtkMRMLSegmentationNode or vtkMRMLLabelMapVolumeNode
+    outputSegmentation: object = None                      # vtkMRMLSegmentationNode to overwrite (None: a new one)
 
 
 @dataclass
@@ -114,12 +122,22 @@ class FusionLogic(EngineLogic):
                 problems.append("Every atlas pair needs an image and a segmentation.")
         if inputs.atlasPairs and inputs.extraModalities:
             problems.append("Atlas pairs from the scene have one modality; use an atlas folder for several.")
+        output = inputs.outputSegmentation
+        if output is not None and output is inputs.referenceSegmentation:
+            problems.append("The output segmentation cannot be the reference; choose another or create a new one.")
+        if output is not None and any(output is segmentation for _, segmentation in inputs.atlasPairs):
+            problems.append("The output segmentation cannot be an atlas segmentation; choose another or create a "
+                            "new one.")
         if settings.method not in METHODS:
             problems.append(f"Unknown fusion method '{settings.method}'.")
         if settings.method == "dlf" and not (settings.modelFolder and Path(settings.modelFolder).is_dir()):
             problems.append("Deep Label Fusion needs a model folder.")
         if settings.nAtlases < 1:
             problems.append("Use at least one atlas.")
+        available = len(inputs.atlasPairs) if not inputs.atlasFolder else readAtlasFolderCaseCount(inputs.atlasFolder)
+        if available is not None and settings.nAtlases > available:   # the engine refuses it too, after start-up
+            problems.append(f"The atlas set has {available} atlas(es): set the number of atlases to at most "
+                            f"{available}.")
         return problems
 
     # ------------------------------------------------------------------ inputs -> engine
@@ -209,19 +227,25 @@ class FusionLogic(EngineLogic):
         target = inputs.targetVolume
         grid = worldIjkToRas(target)
         title = f"{METHODS.get(settings.method, settings.method)} - {target.GetName()}"
+        atlasSetName = readAtlasSetName(inputs.atlasFolder) if inputs.atlasFolder else ""
         folder = createFolder(self.scene, title)
         colorTable = newColorTable(self.scene, f"{title} labels", labels, colors or paletteColors(labels))
         placeInFolder(self.scene, colorTable, folder)
-        segmentation = segmentationFromLabelFile(self.scene, output / "segmentation.nii.gz", colorTable,
-                                                 f"{title} segmentation", grid)
-        placeInFolder(self.scene, segmentation, folder)
+        segmentation = segmentationFromLabelFile(
+            self.scene, output / "segmentation.nii.gz", colorTable, f"{title} segmentation", grid,
+            into=inputs.outputSegmentation, referenceVolume=target, atlasSetName=atlasSetName)
+        if inputs.outputSegmentation is None:   # an overwritten node stays where the user keeps it
+            placeInFolder(self.scene, segmentation, folder)
         result = FusionResultNodes(folder, segmentation, colorTable, run=run)
         if "initial_segmentation" in files:  # Deep Label Fusion: the weighted-voting stage before fine-tuning
             result.initialSegmentation = segmentationFromLabelFile(
-                self.scene, files["initial_segmentation"], colorTable, f"{title} initial segmentation", grid)
+                self.scene, files["initial_segmentation"], colorTable, f"{title} initial segmentation", grid,
+                referenceVolume=target, atlasSetName=atlasSetName)
             result.initialSegmentation.GetDisplayNode().SetVisibility(False)
             placeInFolder(self.scene, result.initialSegmentation, folder)
-        self._loadMaps(result, files, labels, title, target, grid)
+        if settings.show3D:
+            self.showIn3D(segmentation)
+        self._loadMaps(result, files, labels, title, target, grid, settings.weightMaps)
         if (output / "metrics.json").is_file():
             result.metrics = json.loads((output / "metrics.json").read_text())
             result.metricsTable = metricsTable(self.scene, result.metrics, f"{title} metrics")
@@ -229,8 +253,9 @@ class FusionLogic(EngineLogic):
         return result
 
     def _loadMaps(self, result: FusionResultNodes, files: dict[str, Path], labels: dict[int, str], title: str,
-                  target, grid) -> None:
-        """Vote maps per label and weight maps per atlas in subfolders; agreement and oracle maps beside them."""
+                  target, grid, weightMaps: bool) -> None:
+        """Vote maps per label in a subfolder, agreement and oracle maps beside them; the weight maps per atlas
+        (Deep Label Fusion: per atlas and label, often dozens of volumes) only when asked for."""
         def load(key: str, name: str, kind: str, folder: int):
             node = mapNode(self.scene, files[key], f"{title} {name}", kind, target, grid)
             placeInFolder(self.scene, node, folder)
@@ -240,7 +265,7 @@ class FusionLogic(EngineLogic):
         for value, name in labels.items():
             if f"votes_{value}" in files:
                 result.voteMaps[name] = load(f"votes_{value}", f"votes {name}", "votes", votesFolder)
-        weightKeys = [key for key in files if key.startswith("weights_")]
+        weightKeys = [key for key in files if key.startswith("weights_")] if weightMaps else []
         if weightKeys:
             weightsFolder = createFolder(self.scene, "Weight maps", result.folderItemID)
             for key in weightKeys:
@@ -274,6 +299,57 @@ def _sceneAtlasLabels(pairs: Sequence) -> tuple[dict[int, str], dict[int, tuple[
                 names.append(segment.GetName())
                 colors[len(names)] = tuple(segment.GetColor())
     return {0: "background", **{k + 1: name for k, name in enumerate(names)}}, colors
+
+
+def _readDataset(folder: str | Path) -> dict:
+    try:
+        dataset = json.loads((Path(folder) / "dataset.json").read_text())
+    except (OSError, ValueError):
+        return {}
+    return dataset if isinstance(dataset, dict) else {}
+
+
+def readAtlasSetName(folder: str | Path) -> str:
+    """The atlas set's ``name`` in dataset.json ("" when there is none or the folder cannot be read)."""
+    name = _readDataset(folder).get("name", "")
+    return name if isinstance(name, str) else ""
+
+
+def readAtlasFolderCaseCount(folder: str | Path) -> int | None:
+    """Number of labelled cases listed in dataset.json (Decathlon ``training`` list, else ``numTraining``); None
+    when the folder cannot be read (the engine then names the problem)."""
+    dataset = _readDataset(folder)
+    training = dataset.get("training")
+    if isinstance(training, list):
+        return len(training)
+    count = dataset.get("numTraining")
+    return count if isinstance(count, int) and count >= 0 else None
+
+
+def readAtlasFolderModalities(folder: str | Path) -> list[str]:
+    """Modality names in channel order from dataset.json (Decathlon ``modality``, nnU-Net v2 ``channel_names``);
+    empty when the folder cannot be read."""
+    dataset = _readDataset(folder)
+    raw = dataset.get("modality") or dataset.get("channel_names") or {}
+    try:
+        return [str(raw[key]) for key in sorted(raw, key=int)] if isinstance(raw, dict) else []
+    except (TypeError, ValueError):
+        return []
+
+
+def methodDescription(method: str) -> str:
+    """What a method does, in a sentence for the panel; a method that needs a trained model says so and how to
+    train one."""
+    if REGISTRY is None or method not in REGISTRY.METHODS:
+        return ""
+    info = REGISTRY.METHODS[method]
+    text = info.description[0].upper() + info.description[1:] + "."
+    if info.trains:
+        text += (f" Needs a trained model folder: train one on your atlas set with 'atlasseg train --method "
+                 f"{method} --atlases ATLAS_FOLDER --output MODEL_FOLDER' (README, section '{info.label}').")
+    else:
+        text += " No training needed."
+    return text
 
 
 def readAtlasFolderLabels(folder: Path) -> dict[int, str]:

@@ -63,6 +63,7 @@ import math
 
 import torch
 
+from ..methods import JLF_DEFAULTS
 from .voting import ProgressFn, as_triple, positive_float, report
 
 JLF_PARAMS = (
@@ -471,10 +472,10 @@ def joint_label_fusion(
     label_index: torch.Tensor,
     num_labels: int,
     mask: torch.Tensor | None = None,
-    alpha: float = 0.1,
-    beta: float = 2.0,
-    patch_radius=2,
-    search_radius=3,
+    alpha: float = JLF_DEFAULTS["alpha"],
+    beta: float = JLF_DEFAULTS["beta"],
+    patch_radius=JLF_DEFAULTS["patch_radius"],
+    search_radius=JLF_DEFAULTS["search_radius"],
     metric: str = "pearson",
     nonnegative: bool = False,
     spacing=None,
