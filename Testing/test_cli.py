@@ -53,6 +53,24 @@ def test_segment_writes_segmentation_maps_transforms_and_metrics(phantom_atlas_d
     assert run["format"] == "atlasseg-run" and run["version"] == 1 and run["success"] is True
 
 
+def test_maps_are_written_by_kind(phantom_atlas_dir, target_files, tmp_path, capsys):
+    """--maps KIND ...: only the kinds asked for (the per-atlas weight maps are the large ones); bare --maps: all."""
+    target, ref = target_files
+    out = tmp_path / "out"
+    args = ["segment", "--target", str(target), "--atlases", str(phantom_atlas_dir), "--method", "weighted",
+            "--n-atlases", "2", "--preset", "fast", "--device", "cpu", "--quiet", "--reference", str(ref)]
+    assert main([*args, "--output", str(out), "--maps", "votes", "oracle"]) == 0
+    maps = {p.name for p in (out / "maps").iterdir()}
+    assert len([m for m in maps if m.startswith("votes_")]) == 5 and "oracle_coverage.nii.gz" in maps
+    assert not [m for m in maps if m.startswith(("weights_", "agreement"))], maps
+    assert main([*args, "--output", str(tmp_path / "all"), "--maps"]) == 0
+    every = {p.name for p in (tmp_path / "all" / "maps").iterdir()}
+    assert every > maps and len([m for m in every if m.startswith("weights_")]) == 2 and "agreement.nii.gz" in every
+    with pytest.raises(SystemExit) as bad:
+        main([*args, "--output", str(tmp_path / "bad"), "--maps", "weight"])
+    assert bad.value.code == 2 and "invalid choice: 'weight'" in capsys.readouterr().err
+
+
 def test_evaluate_writes_csv(target_files, tmp_path, capsys):
     _, ref = target_files
     out = tmp_path / "m.csv"

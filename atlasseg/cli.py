@@ -33,6 +33,7 @@ from .methods import (
     DEFAULT_BACKEND,
     DEFAULT_PRESET,
     JLF_DEFAULTS,
+    MAP_KINDS,
     REGISTRATION_PRESETS,
     RUN_RECORD,
     config_classes,
@@ -168,7 +169,9 @@ def _parser(train_method: str | None = None) -> argparse.ArgumentParser:
     p.add_argument("--atlas-ids", nargs="*", help="use exactly these atlas case ids")
     p.add_argument("--exclude", nargs="*", default=[], help="case ids never used as atlases (e.g. the target)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--maps", action="store_true", help="also write vote, weight and agreement maps")
+    p.add_argument("--maps", nargs="*", choices=MAP_KINDS, metavar="KIND",
+                   help=f"also write maps: bare --maps writes all, or name kinds ({', '.join(MAP_KINDS)}); weights "
+                        "(one per atlas, and per label for DLF) are the large ones")
     p.add_argument("--transforms", action="store_true", help="also write forward/inverse displacement fields")
     p.add_argument("--reference", help="reference label image: writes metrics.json and oracle coverage")
     for name, kind in (("alpha", float), ("beta", float), ("patch_radius", int), ("search_radius", int)):

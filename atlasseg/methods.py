@@ -24,6 +24,24 @@ DEFAULT_BACKEND = "torch"
 DEFAULT_PRESET = "default"
 JLF_DEFAULTS = {"alpha": 0.1, "beta": 2.0, "patch_radius": 2, "search_radius": 3}
 RUN_RECORD = "run.json"     # the record every run writes last (schema in the README)
+# Maps a run can write beside its segmentation (``--maps [KIND ...]``; bare ``--maps``: all): per-label votes,
+# per-atlas weights (many and large: one per atlas and label for DLF), agreement across atlases or networks,
+# oracle coverage (needs a reference), final probabilities (trained methods), AtlasNet's per-network maps.
+MAP_KINDS = ("votes", "weights", "agreement", "oracle", "probabilities", "networks")
+
+
+def map_kinds(maps) -> frozenset[str]:
+    """``maps`` as given to ``save``/``--maps`` -> the set of kinds: True / an empty list = all, False / None =
+    none, else the named kinds (each checked)."""
+    if maps is None or maps is False:
+        return frozenset()
+    if maps is True or (not isinstance(maps, str) and len(maps) == 0):
+        return frozenset(MAP_KINDS)
+    kinds = frozenset([maps] if isinstance(maps, str) else maps)
+    unknown = sorted(kinds - set(MAP_KINDS))
+    if unknown:
+        raise ValueError(f"unknown map kind(s) {unknown}: choose from {', '.join(MAP_KINDS)}")
+    return kinds
 DATA_FIELDS = ("n_labels", "n_modalities")   # architecture fields taken from the atlas set, never from flags
 
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 import json
 import os
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Collection, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,7 +29,7 @@ from .io import (
     tensor_to_image,
     write_image,
 )
-from .methods import DEFAULT_BACKEND, DEFAULT_PRESET, RUN_RECORD
+from .methods import DEFAULT_BACKEND, DEFAULT_PRESET, RUN_RECORD, map_kinds
 from .progress import Progress
 from .registration import Registration, normalized_tensor, register, warp_atlases
 
@@ -76,35 +76,40 @@ class SegmentationResult:
         covered, summary = oracle_coverage(self.warped_labels, ref, self.fusion.labels, fraction)
         return tensor_to_image(covered.to(torch.uint8), self.geometry), summary
 
-    def save(self, out_dir: str | Path, maps: bool = False, transforms: bool = False,
+    def save(self, out_dir: str | Path, maps: bool | Collection[str] = False, transforms: bool = False,
              reference: sitk.Image | None = None, oracle_fraction: float = 0.10) -> dict[str, str]:
-        """Write the segmentation and, on request, the maps (NIfTI on the target grid) and transforms."""
+        """Write the segmentation and, on request, the maps (NIfTI on the target grid; ``maps``: True for all, or
+        the kinds of :data:`atlasseg.methods.MAP_KINDS`) and transforms."""
         out = Path(out_dir)
+        kinds = map_kinds(maps)
         written = {"segmentation": str(write_image(self.segmentation, out / "segmentation.nii.gz"))}
-        if maps:
+        if "votes" in kinds:
             for value, image in self.vote_maps().items():
                 name = self.label_names.get(value, f"label{value}")
                 path = out / "maps" / f"votes_{value}_{_safe(name)}.nii.gz"
                 written[f"votes_{value}"] = str(write_image(image, path))
+        if "weights" in kinds:
             for atlas_id, image in self.weight_maps().items():
                 path = out / "maps" / f"weights_{_safe(atlas_id)}.nii.gz"
                 written[f"weights_{atlas_id}"] = str(write_image(image, path))
+        if "agreement" in kinds:
             written["agreement"] = str(write_image(self.agreement_map(), out / "maps" / "agreement.nii.gz"))
-            if reference is not None:
-                image, summary = self.oracle(reference, oracle_fraction)
-                written["oracle"] = str(write_image(image, out / "maps" / "oracle_coverage.nii.gz"))
-                (out / "maps" / "oracle_coverage.json").write_text(json.dumps(
-                    {"fraction": oracle_fraction, "coverage": {str(k): v for k, v in summary.items()}}, indent=2))
+        if "oracle" in kinds and reference is not None:
+            image, summary = self.oracle(reference, oracle_fraction)
+            written["oracle"] = str(write_image(image, out / "maps" / "oracle_coverage.nii.gz"))
+            (out / "maps" / "oracle_coverage.json").write_text(json.dumps(
+                {"fraction": oracle_fraction, "coverage": {str(k): v for k, v in summary.items()}}, indent=2))
         if transforms:
             for atlas_id, reg in zip(self.atlas_ids, self.registrations):
                 reg.save(out / "transforms", _safe(atlas_id))
-        written.update(self.save_extra(out, maps))
+        written.update(self.save_extra(out, kinds))
         write_run_record(out, {"method": self.fusion.method, **self.run_fields(), "atlases": self.atlas_ids,
                                "labels": self.label_names, "timings_s": self.timings, "files": written})
         return written
 
-    def save_extra(self, out: Path, maps: bool) -> dict[str, str]:
-        """Outputs a method adds (written before ``run.json``, which comes last); none here."""
+    def save_extra(self, out: Path, maps: frozenset[str]) -> dict[str, str]:
+        """Outputs a method adds (written before ``run.json``, which comes last; ``maps``: the map kinds asked
+        for); none here."""
         return {}
 
     def run_fields(self) -> dict:

@@ -24,6 +24,7 @@ from ..atlas import AtlasSet
 from ..device import resolve_device
 from ..fusion import FusionResult
 from ..io import Geometry, label_pixel_type, tensor_to_image, write_image
+from ..methods import map_kinds
 from ..model_io import CONFIG, LoadedModel, ModelFolderError, check_compatible, load_model
 from ..pipeline import SegmentationResult, write_run_record
 from ..progress import Progress
@@ -162,22 +163,25 @@ class AtlasNetResult(SegmentationResult):
         """Share of the networks whose own segmentation is the fused label (0..1)."""
         return tensor_to_image(self.agreement.float(), self.geometry)
 
-    def save(self, out_dir: str | Path, maps: bool = False, transforms: bool = False,
+    def save(self, out_dir: str | Path, maps=False, transforms: bool = False,
              reference: sitk.Image | None = None, oracle_fraction: float = 0.10) -> dict[str, str]:
-        """``segmentation.nii.gz``; with ``maps`` also ``maps/probability_fused_<label>_<name>``,
-        ``maps/probability_<net>_<label>_<name>`` (net = network index), ``maps/segmentation_<net>``,
-        ``maps/agreement`` (and with a ``reference`` ``maps/oracle_coverage``: where at least ``oracle_fraction``
-        of the networks give the reference label); with ``transforms`` the fields of every registration;
-        ``run.json`` last. All on the target grid."""
+        """``segmentation.nii.gz``; with ``maps`` (True: all; else the kinds of
+        :data:`atlasseg.methods.MAP_KINDS`): ``probabilities``: ``maps/probability_fused_<label>_<name>``;
+        ``networks``: ``maps/probability_<net>_<label>_<name>`` (net = network index) and
+        ``maps/segmentation_<net>``; ``agreement``: ``maps/agreement``; ``oracle`` (with a ``reference``):
+        ``maps/oracle_coverage``, where at least ``oracle_fraction`` of the networks give the reference label.
+        With ``transforms`` the fields of every registration; ``run.json`` last. All on the target grid."""
         out = Path(out_dir)
+        kinds = map_kinds(maps)
         written = {"segmentation": str(write_image(self.segmentation, out / "segmentation.nii.gz"))}
         indices = self.network_indices or list(range(len(self.atlas_ids)))
-        if maps:
-            names = {v: _safe(self.label_names.get(v, f"label{v}")) for v in self.fusion.labels}
+        names = {v: _safe(self.label_names.get(v, f"label{v}")) for v in self.fusion.labels}
+        if "probabilities" in kinds:
             for i, v in enumerate(self.fusion.labels):
                 image = tensor_to_image(self.fusion.posteriors[i].float(), self.geometry)
                 path = out / "maps" / f"probability_fused_{v}_{names[v]}.nii.gz"
                 written[f"probability_fused_{v}"] = str(write_image(image, path))
+        if "networks" in kinds:
             for row, net in enumerate(indices):
                 for i, v in enumerate(self.fusion.labels):
                     image = tensor_to_image(self.network_probabilities[row, i].float(), self.geometry)
@@ -186,12 +190,13 @@ class AtlasNetResult(SegmentationResult):
                 seg = self.warped_labels[row]
                 image = tensor_to_image(seg.to(torch.int32), self.geometry, label_pixel_type(int(seg.max())))
                 written[f"segmentation_{net}"] = str(write_image(image, out / "maps" / f"segmentation_{net}.nii.gz"))
+        if "agreement" in kinds:
             written["agreement"] = str(write_image(self.agreement_map(), out / "maps" / "agreement.nii.gz"))
-            if reference is not None:       # share of networks carrying the reference label, as for atlases
-                image, summary = self.oracle(reference, oracle_fraction)
-                written["oracle"] = str(write_image(image, out / "maps" / "oracle_coverage.nii.gz"))
-                (out / "maps" / "oracle_coverage.json").write_text(json.dumps(
-                    {"fraction": oracle_fraction, "coverage": {str(k): v for k, v in summary.items()}}, indent=2))
+        if "oracle" in kinds and reference is not None:   # share of networks carrying the reference label
+            image, summary = self.oracle(reference, oracle_fraction)
+            written["oracle"] = str(write_image(image, out / "maps" / "oracle_coverage.nii.gz"))
+            (out / "maps" / "oracle_coverage.json").write_text(json.dumps(
+                {"fraction": oracle_fraction, "coverage": {str(k): v for k, v in summary.items()}}, indent=2))
         if transforms:
             for net, atlas_id, reg in zip(indices, self.atlas_ids, self.registrations):
                 reg.save(out / "transforms", f"{net}_{_safe(atlas_id)}")

@@ -124,14 +124,15 @@ class DLFSegmentationResult(SegmentationResult):
                 out[f"{atlas}_{v}_{name}"] = tensor_to_image(self.label_weights[k, i].float(), self.geometry)
         return out
 
-    def save_extra(self, out: Path, maps: bool) -> dict[str, str]:
-        """The initial (vote-fused) segmentation and, with ``maps``, the final probabilities."""
+    def save_extra(self, out: Path, maps: frozenset[str]) -> dict[str, str]:
+        """The initial (vote-fused) segmentation and, with the ``probabilities`` map kind, the final
+        probabilities."""
         written = {}
         if self.initial_segmentation is not None:
             seg = self.initial_segmentation
             image = tensor_to_image(seg.to(torch.int32), self.geometry, label_pixel_type(int(seg.max())))
             written["initial_segmentation"] = str(write_image(image, out / "initial_segmentation.nii.gz"))
-        if maps:
+        if "probabilities" in maps:
             written.update(self.save_probability_maps(out))
         return written
 

@@ -27,6 +27,7 @@ from ..fusion import FusionResult, labels_to_index
 from ..inference import prediction_region, uncrop
 from ..io import Geometry, image_to_tensor, write_image
 from ..losses import deep_supervision_loss, make_loss, median_frequency_weights_from_labels
+from ..methods import map_kinds
 from ..model_io import LoadedModel, check_compatible, legacy_unet_architecture, load_model, save_model
 from ..networks import BackboneSpec, as_heads, build_backbone
 from ..pipeline import SegmentationResult, write_run_record
@@ -245,11 +246,13 @@ class SegmenterResult(SegmentationResult):
 
     model_folder: str = ""
 
-    def save(self, out_dir: str | Path, maps: bool = False, transforms: bool = False,
+    def save(self, out_dir: str | Path, maps=False, transforms: bool = False,
              reference: sitk.Image | None = None, oracle_fraction: float = 0.10) -> dict[str, str]:
+        """``segmentation.nii.gz`` and, with the ``probabilities`` map kind (or ``maps=True``), the per-label
+        probabilities; ``run.json`` last."""
         out = Path(out_dir)
         written = {"segmentation": str(write_image(self.segmentation, out / "segmentation.nii.gz"))}
-        if maps:
+        if "probabilities" in map_kinds(maps):
             written.update(self.save_probability_maps(out))
         write_run_record(out, {"method": "segmenter", "model": self.model_folder, "atlases": [],
                                "labels": self.label_names, "timings_s": self.timings, "files": written})
