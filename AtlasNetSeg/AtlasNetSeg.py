@@ -2,19 +2,21 @@
 
 The module is thin: the widget edits a parameter node, and the logic (AtlasNetSegLib, Qt-free, on the shared
 AtlasSegLib) writes the target, runs the headless engine ``atlasseg`` in a background PythonSlicer process and
-loads its outputs: the fused segmentation, probability maps per network and the networks' agreement.
+loads its outputs: the fused segmentation, probability maps per network and the networks' agreement. The *Train a
+model* section (AtlasSegLib.trainingpanel) trains an AtlasNet model the same way and selects it for Apply.
 """
 
 import importlib.util
 import logging
 import pathlib
 import sys
+from typing import Annotated
 
 import qt
 import slicer
 import vtk
 from slicer import vtkMRMLScalarVolumeNode, vtkMRMLSegmentationNode
-from slicer.parameterNodeWrapper import parameterNodeWrapper
+from slicer.parameterNodeWrapper import WithinRange, parameterNodeWrapper
 from slicer.ScriptedLoadableModule import (
     ScriptedLoadableModule,
     ScriptedLoadableModuleLogic,
@@ -34,6 +36,7 @@ from AtlasNetSegLib import (  # noqa: E402
 )
 
 from AtlasSegLib import (  # noqa: E402
+    DEFAULT_SIZE,
     DEVICES,
     MAP_KIND_ATTRIBUTE,
     EngineCancelled,
@@ -41,9 +44,11 @@ from AtlasSegLib import (  # noqa: E402
     ensureEngineDependencies,
     findEngineRoot,
     missingPipDependencies,
+    runSeconds,
     runSelfTests,
     torchIsInstalled,
 )
+from AtlasSegLib.trainingpanel import TrainingSection  # noqa: E402
 
 POLL_MILLISECONDS = 200
 DEVICE_LABELS = {"auto": "Auto", "cpu": "CPU", "gpu": "GPU"}
@@ -61,7 +66,7 @@ class AtlasNetSeg(ScriptedLoadableModule):
             "model's atlases, each atlas's network segments it in that atlas's space, and the predictions are "
             "warped back and fused. Results (segmentation, probability maps per network, the networks' agreement "
             "and, with a reference, a Dice / HD95 table) appear in one subject-hierarchy folder per run. Train a "
-            "model with 'atlasseg train --method atlasnet'. See the "
+            "model in the Train a model section (or with 'atlasseg train --method atlasnet'). See the "
             "<a href='https://github.com/atlasseg/SlicerAtlasSeg'>documentation</a>.")
         self.parent.acknowledgementText = "AtlasNet after Vakalopoulou et al. (MICCAI 2018)."
 
@@ -77,6 +82,13 @@ class AtlasNetSegParameterNode:
     modelFolder: pathlib.Path
     device: str = "auto"
     networkSegmentations: bool = False
+    # the Train a model section
+    trainingAtlasFolder: pathlib.Path
+    trainingMethod: str = "atlasnet"
+    trainingSize: str = DEFAULT_SIZE
+    trainingEpochs: Annotated[int, WithinRange(1, 100000)] = 20
+    trainingDevice: str = "auto"
+    trainingModelFolder: pathlib.Path
 
 
 def _pathText(path) -> str:
@@ -92,6 +104,7 @@ class AtlasNetSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._parameterNode = None
         self._parameterNodeGuiTag = None
         self._run = None
+        self.training = None    # the Train a model section
         self._modalities = []   # the chosen model's modalities (empty while the folder is not a usable model)
         self._timer = qt.QTimer()
         self._timer.setInterval(POLL_MILLISECONDS)
@@ -114,6 +127,7 @@ class AtlasNetSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.mapSelector.connect("currentNodeChanged(vtkMRMLNode*)", self.onMapSelected)
         self.ui.mapOpacitySlider.connect("valueChanged(double)", self.onMapOpacityChanged)
         self.ui.progressBar.hide()
+        self.training = TrainingSection(self.ui, self.logic, "AtlasNetSeg", self.onModelTrained, DEVICE_LABELS)
 
         self.addObserver(slicer.mrmlScene, slicer.mrmlScene.StartCloseEvent, self.onSceneStartClose)
         self.addObserver(slicer.mrmlScene, slicer.mrmlScene.EndCloseEvent, self.onSceneEndClose)
@@ -122,8 +136,10 @@ class AtlasNetSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     def cleanup(self) -> None:
         """The module is closed (or reloaded): cancel the run without waiting for it and stop polling."""
         if self.logic is not None:
-            self.logic.cancelActiveRuns()
+            self.logic.cancelActiveRuns()   # the segmentation and the training
         self._forgetRun("Cancelled: the module was closed.")
+        if self.training is not None:
+            self.training.forget("Cancelled: the module was closed; Resume continues from the last finished epoch.")
         self.removeObservers()
 
     def enter(self) -> None:
@@ -139,6 +155,7 @@ class AtlasNetSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         """The scene closes: its nodes go, so a running segmentation is cancelled (without waiting for it)."""
         self.logic.onSceneStartClose()
         self._forgetRun("Cancelled: the scene was closed.")
+        self.training.forget("Cancelled: the scene was closed; Resume continues from the last finished epoch.")
         self.setParameterNode(None)
 
     def _forgetRun(self, message: str) -> None:
@@ -165,6 +182,7 @@ class AtlasNetSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self._parameterNode.disconnectGui(self._parameterNodeGuiTag)
             self.removeObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self.updateGUIFromParameterNode)
         self._parameterNode = parameterNode
+        self.training.setParameterNode(parameterNode)
         if self._parameterNode:
             self._parameterNodeGuiTag = self._parameterNode.connectGui(self.ui)
             self.addObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self.updateGUIFromParameterNode)
@@ -180,6 +198,7 @@ class AtlasNetSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.deviceComboBox.blockSignals(wasBlocked)
         self._updateModelInfo(_pathText(p.modelFolder))
         self._updateApplyButton()
+        self.training.update()
 
     def _updateModelInfo(self, folder: str) -> None:
         """What the model is (or what is wrong with the folder), and one target selector per model modality."""
@@ -277,7 +296,7 @@ class AtlasNetSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self._updateApplyButton()
 
     def _showResult(self, result) -> None:
-        seconds = sum(result.run.get("timings_s", {}).values())
+        seconds = runSeconds(result.run)
         summary = f"Done in {seconds:.0f} s with {len(result.run.get('networks', []))} networks."
         if result.metrics:
             summary += f" Mean Dice {result.metrics['mean']['dice']:.3f}."
@@ -287,6 +306,11 @@ class AtlasNetSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self.ui.metricsTableView.setMRMLTableNode(result.metricsTable)
         if result.agreement is not None:
             self.ui.mapSelector.setCurrentNode(result.agreement)
+
+    def onModelTrained(self, result) -> None:
+        """A training ended: its model is the one Apply uses."""
+        if self._parameterNode is not None:
+            self._parameterNode.modelFolder = pathlib.Path(result.modelFolder)
 
     # ------------------------------------------------------------------ results
     def onMapSelected(self, mapNode) -> None:

@@ -3,9 +3,11 @@
 Qt-free, so it imports in Slicer and, for tests, with the ``slicer-core`` wheel: the engine process with
 progress, log lines and a cancel that never blocks a GUI (:mod:`.engine`), exact RAS/LPS geometry
 (:mod:`.geometry`), nodes -> input files (:mod:`.inputs`), engine outputs -> nodes with standard terminology for
-known structures (:mod:`.results`), the run and logic base (:mod:`.run`), self tests
-that report skips as skips (:mod:`.selftest`) and the first-use dependency installation (:mod:`.dependencies`,
-needs Slicer only when called).
+known structures (:mod:`.results`), the run and logic base (:mod:`.run`), training from a panel with a live
+table and plot, cancel and resume (:mod:`.training`), self tests that report skips as skips (:mod:`.selftest`) and
+the first-use dependency installation (:mod:`.dependencies`, needs Slicer only when called). The *Train a model*
+section's widget code, shared by the module panels, is in :mod:`.trainingpanel` (needs Slicer's Qt; imported by
+the module widgets only, never here).
 
 Installed, it sits beside the modules in ``qt-scripted-modules``; in a source checkout, at the repository root,
 which each module file puts on ``sys.path`` when ``AtlasSegLib`` is not importable otherwise.
@@ -23,6 +25,8 @@ from .engine import (
     findEngineRoot,
     missingPipDependencies,
     parseProgressLine,
+    parseProgressLogLine,
+    progressLogLine,
     pythonExecutable,
     readableEngineError,
     torchIsInstalled,
@@ -41,15 +45,32 @@ from .results import (
     structureCode,
     tagStructures,
 )
-from .run import EngineLogic, EngineRun, PreparedRun, waitForRun
+from .run import EngineLogic, EngineRun, PreparedRun, runSeconds, waitForRun
 from .selftest import runSelfTests
+from .training import (
+    DEFAULT_SIZE,
+    TRAINING_RECORD,
+    TRAINING_SIZES,
+    ModelFolderState,
+    TrainingCurves,
+    TrainingLogic,
+    TrainingResult,
+    TrainingRun,
+    TrainingSettings,
+    TrainingSize,
+    inspectModelFolder,
+    readTrainingHistory,
+)
 
 __all__ = [
-    "DEVICES", "MAP_KIND_ATTRIBUTE", "MAP_STYLES", "PALETTE", "STRUCTURE_CODES", "EngineCancelled", "EngineError",
-    "EngineLogic", "EngineProcess", "EngineRun", "GeometryError", "MapStyle", "PreparedRun", "ProgressEvent",
-    "StructureCode", "engineEnvironment", "engineRegistry", "ensureEngineDependencies", "findEngineRoot",
-    "ijkToRasFromImage", "missingPipDependencies", "parseProgressLine", "pythonExecutable", "readableEngineError",
-    "runSelfTests", "segmentationToLabelImage", "showIn3D", "showMap", "structureCode", "tagStructures",
-    "torchIsInstalled", "updateVolumeNodeFromImage", "volumeNodeToImage", "waitForRun", "writeReference",
-    "writeVolume",
+    "DEFAULT_SIZE", "DEVICES", "MAP_KIND_ATTRIBUTE", "MAP_STYLES", "PALETTE", "STRUCTURE_CODES", "TRAINING_RECORD",
+    "TRAINING_SIZES", "EngineCancelled", "EngineError", "EngineLogic", "EngineProcess", "EngineRun", "GeometryError",
+    "MapStyle", "ModelFolderState", "PreparedRun", "ProgressEvent", "StructureCode", "TrainingCurves",
+    "TrainingLogic", "TrainingResult", "TrainingRun", "TrainingSettings", "TrainingSize", "engineEnvironment",
+    "engineRegistry", "ensureEngineDependencies", "findEngineRoot", "ijkToRasFromImage", "inspectModelFolder",
+    "missingPipDependencies", "parseProgressLine", "parseProgressLogLine", "progressLogLine", "pythonExecutable",
+    "readTrainingHistory", "readableEngineError", "runSeconds", "runSelfTests", "segmentationToLabelImage",
+    "showIn3D", "showMap",
+    "structureCode", "tagStructures", "torchIsInstalled", "updateVolumeNodeFromImage", "volumeNodeToImage",
+    "waitForRun", "writeReference", "writeVolume",
 ]

@@ -14,6 +14,7 @@ import collections
 import importlib.util
 import os
 import queue
+import re
 import shutil
 import signal
 import subprocess
@@ -151,6 +152,23 @@ def parseProgressLine(line: str) -> ProgressEvent | None:
     return ProgressEvent(min(max(fraction, 0.0), 1.0), parts[2] if len(parts) > 2 else "")
 
 
+def progressLogLine(event: ProgressEvent) -> str:
+    """How a progress report appears among the log lines (:meth:`EngineProcess.newLogLines`): ``[ 42%] message``."""
+    return f"[{event.fraction:4.0%}] {event.message}"
+
+
+def parseProgressLogLine(line: str) -> ProgressEvent | None:
+    """``[ 42%] registration 3/10`` (a log line of :func:`progressLogLine`) -> ProgressEvent(0.42, ...); None for
+    other lines. Log lines keep progress in order with the engine's other output (whole percents)."""
+    match = _PROGRESS_LOG.match(line)
+    if match is None:
+        return None
+    return ProgressEvent(min(max(int(match.group(1)) / 100.0, 0.0), 1.0), match.group(2))
+
+
+_PROGRESS_LOG = re.compile(r"^\[\s*(\d+)%\] (.*)$")
+
+
 def readableEngineError(returnCode: int, stderrLines: Sequence[str]) -> str:
     """One readable sentence for a failed run, from the exit code and the engine's stderr.
 
@@ -223,7 +241,7 @@ class EngineProcess:
             event = parseProgressLine(line)
             if event is not None:
                 self._events.put(event)
-                self._appendLog(f"[{event.fraction:4.0%}] {event.message}")
+                self._appendLog(progressLogLine(event))
             else:
                 self.stdoutLines.append(line)
                 self._appendLog(line)

@@ -196,3 +196,12 @@ class EngineLogic:
     def showIn3D(segmentationNode, show: bool = True) -> bool:
         """Show a result segmentation in 3D (its closed-surface representation), or hide it there."""
         return showIn3D(segmentationNode, show)
+
+
+def runSeconds(run: dict) -> float:
+    """Wall time of an engine run from its ``run.json``: the engine's ``total`` (the stages also include it, so
+    summing them would count it twice); older records without ``total``: the sum of their stages."""
+    timings = run.get("timings_s", {}) or {}
+    if "total" in timings:
+        return float(timings["total"])
+    return float(sum(v for v in timings.values() if isinstance(v, (int, float))))

@@ -1,7 +1,9 @@
 """DeepLabelFusion: multi-atlas segmentation (majority, weighted voting, JLF, STAPLE, Deep Label Fusion) in 3D Slicer.
 
 The module is thin: the widget edits a parameter node, and the logic (DeepLabelFusionLib, Qt-free) writes the
-inputs, runs the headless engine ``atlasseg`` in a background PythonSlicer process and loads its outputs.
+inputs, runs the headless engine ``atlasseg`` in a background PythonSlicer process and loads its outputs. The
+*Train a model* section (AtlasSegLib.trainingpanel) trains a Deep Label Fusion model the same way and selects it
+for Apply.
 """
 
 import importlib.util
@@ -44,12 +46,15 @@ from DeepLabelFusionLib import (  # noqa: E402
 )
 
 from AtlasSegLib import (  # noqa: E402
+    DEFAULT_SIZE,
     ensureEngineDependencies,
     findEngineRoot,
     missingPipDependencies,
+    runSeconds,
     runSelfTests,
     torchIsInstalled,
 )
+from AtlasSegLib.trainingpanel import TrainingSection  # noqa: E402
 
 POLL_MILLISECONDS = 200
 # what the panel's choices are called on screen (the engine's names are the combo boxes' data)
@@ -103,6 +108,13 @@ class DeepLabelFusionParameterNode:
     jlfPatchRadius: Annotated[int, WithinRange(0, 10)] = JLF_DEFAULTS["patch_radius"]
     jlfSearchRadius: Annotated[int, WithinRange(0, 10)] = JLF_DEFAULTS["search_radius"]
     seed: int = 0
+    # the Train a model section
+    trainingAtlasFolder: pathlib.Path
+    trainingMethod: str = "dlf"
+    trainingSize: str = DEFAULT_SIZE
+    trainingEpochs: Annotated[int, WithinRange(1, 100000)] = 20
+    trainingDevice: str = "auto"
+    trainingModelFolder: pathlib.Path
 
 
 def _pathText(path) -> str:
@@ -118,6 +130,7 @@ class DeepLabelFusionWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._parameterNode = None
         self._parameterNodeGuiTag = None
         self._run = None
+        self.training = None            # the Train a model section
         self._lastSegmentation = None   # the last run's segmentation, for "Show in 3D" after the run
         self._modalityCount = None      # modalities of the chosen atlas set (None: not known)
         self._timer = qt.QTimer()
@@ -150,6 +163,8 @@ class DeepLabelFusionWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.mapOpacitySlider.connect("valueChanged(double)", self.onMapOpacityChanged)
         self.ui.show3DCheckBox.connect("toggled(bool)", self.onShow3DToggled)
         self.ui.progressBar.hide()
+        self.training = TrainingSection(self.ui, self.logic, "DeepLabelFusion", self.onModelTrained, DEVICE_LABELS,
+                                        self.ui.logTextEdit)
 
         self.addObserver(slicer.mrmlScene, slicer.mrmlScene.StartCloseEvent, self.onSceneStartClose)
         self.addObserver(slicer.mrmlScene, slicer.mrmlScene.EndCloseEvent, self.onSceneEndClose)
@@ -164,8 +179,10 @@ class DeepLabelFusionWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     def cleanup(self) -> None:
         """The module is closed (or reloaded): cancel the run without waiting for it and stop polling."""
         if self.logic is not None:
-            self.logic.cancelActiveRuns()
+            self.logic.cancelActiveRuns()   # the segmentation and the training
         self._forgetRun("Cancelled: the module was closed.")
+        if self.training is not None:
+            self.training.forget("Cancelled: the module was closed; Resume continues from the last finished epoch.")
         self.removeObservers()
 
     def enter(self) -> None:
@@ -181,6 +198,7 @@ class DeepLabelFusionWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         """The scene closes: its nodes go, so a running segmentation is cancelled (without waiting for it)."""
         self.logic.onSceneStartClose()
         self._forgetRun("Cancelled: the scene was closed.")
+        self.training.forget("Cancelled: the scene was closed; Resume continues from the last finished epoch.")
         self._lastSegmentation = None
         self.setParameterNode(None)
 
@@ -198,6 +216,7 @@ class DeepLabelFusionWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self._parameterNode.disconnectGui(self._parameterNodeGuiTag)
             self.removeObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self.updateGUIFromParameterNode)
         self._parameterNode = parameterNode
+        self.training.setParameterNode(parameterNode)
         if self._parameterNode:
             self._parameterNodeGuiTag = self._parameterNode.connectGui(self.ui)
             self.addObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self.updateGUIFromParameterNode)
@@ -225,6 +244,7 @@ class DeepLabelFusionWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._updateModalityLabels()
         self._updateAtlasPairsTable()
         self._updateApplyButton()
+        self.training.update()
 
     def _updateModalityLabels(self) -> None:
         """The target's label names its modality as the atlas set does; one selector per further modality of the
@@ -380,7 +400,7 @@ class DeepLabelFusionWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.applyButton.text = "Apply"
 
     def _showResult(self, result) -> None:
-        seconds = sum(result.run.get("timings_s", {}).values())
+        seconds = runSeconds(result.run)
         summary = f"Done in {seconds:.0f} s with {len(result.run.get('atlases', []))} atlases."
         if result.metrics:
             summary += f" Mean Dice {result.metrics['mean']['dice']:.3f}."
@@ -391,6 +411,20 @@ class DeepLabelFusionWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self.ui.metricsTableView.setMRMLTableNode(result.metricsTable)
         if result.agreement is not None:
             self.ui.mapSelector.setCurrentNode(result.agreement)
+
+    def onModelTrained(self, result) -> None:
+        """A training ended: its model is the one Apply uses (Deep Label Fusion), on its atlas set when none is
+        chosen yet."""
+        p = self._parameterNode
+        if p is None:
+            return
+        with slicer.util.NodeModify(p.parameterNode):
+            p.modelFolder = pathlib.Path(result.modelFolder)
+            if result.method in METHODS:
+                p.method = result.method
+            if not p.atlasesFromScene and not _pathText(p.atlasFolder):
+                p.atlasFolder = p.trainingAtlasFolder
+        self.ui.settingsCollapsibleButton.collapsed = False
 
     def onShow3DToggled(self, show: bool) -> None:
         """After a run, the checkbox shows or hides that run's segmentation in 3D at once."""

@@ -115,3 +115,11 @@ def test_reload_and_test_reports_a_skip_as_a_skip_and_runs_the_rest():
     assert ran == ["setUp", "setUp", "geometry"]
     with pytest.raises(AssertionError, match="real failure"):   # failures still fail
         runSelfTests(case, [case.test_broken])
+
+
+def test_run_seconds_is_the_engines_total_not_the_sum_of_stages():
+    from AtlasSegLib.run import runSeconds
+
+    assert runSeconds({"timings_s": {"inputs": 1.0, "registration": 6.0, "fusion": 2.0, "total": 10.9}}) == 10.9
+    assert runSeconds({"timings_s": {"registration": 6.0, "fusion": 2.0}}) == 8.0     # records before "total"
+    assert runSeconds({}) == 0.0

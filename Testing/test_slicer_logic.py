@@ -386,7 +386,7 @@ def test_map_display_properties(weighted_run):
     oracle = result.oracle.GetDisplayNode()
     assert oracle.GetColorNodeID() == "vtkMRMLColorTableNodeRed"
     assert oracle.GetApplyThreshold() and (oracle.GetLowerThreshold(), oracle.GetUpperThreshold()) == (0.0, 0.5)
-    weights = next(iter(weighted_run_reloaded(weighted_run, weightMaps=True)[0].weightMaps.values()))
+    weights = next(iter(weights_run(weighted_run).weightMaps.values()))
     weight_array = array_of(weights)
     display = weights.GetDisplayNode()
     assert display.GetColorNodeID() == "vtkMRMLColorTableNodeIron"
@@ -425,10 +425,29 @@ def map_nodes_of_kind(scene, kind: str) -> list:
     return [node for node in nodes if node.GetAttribute(MAP_KIND_ATTRIBUTE) == kind]
 
 
-def test_weight_maps_are_loaded_only_on_request(weighted_run):
-    """The engine writes a weight map per atlas; a default run loads the vote, agreement and oracle maps only."""
+_WEIGHTS_RUNS: dict = {}
+
+
+def weights_run(weighted_run):
+    """The weighted run again with "Weight maps per atlas" on (one more engine run, made once)."""
+    if "result" not in _WEIGHTS_RUNS:
+        scene, target, _ = phantom_scene(*make_phantom(4242, **PHANTOM_GRID))
+        atlases = weighted_run["command"][weighted_run["command"].index("--atlases") + 1]
+        logic = FusionLogic(scene, python=sys.executable)
+        _WEIGHTS_RUNS.update(result=logic.runBlocking(
+            FusionInputs(target, atlasFolder=atlases), FusionSettings(method="weighted", nAtlases=3,
+                                                                       weightMaps=True, **FAST)), scene=scene)
+    return _WEIGHTS_RUNS["result"]
+
+
+def test_weight_maps_are_written_and_loaded_only_on_request(weighted_run):
+    """Per-atlas weight maps are many and large: a default run neither writes nor loads them (vote, agreement and
+    oracle maps only); with "Weight maps per atlas" the engine writes them and the logic loads them."""
     scene, result = weighted_run["scene"], weighted_run["result"]
-    assert sum(key.startswith("weights_") for key in result.run["files"]) == 3   # written by the engine
+    command = weighted_run["command"]
+    assert command[command.index("--maps") + 1:command.index("--maps") + 5] == ["votes", "agreement", "oracle",
+                                                                              "probabilities"]
+    assert not any(key.startswith("weights_") for key in result.run["files"])   # not even written
     assert not result.weightMaps and not map_nodes_of_kind(scene, "weights")
     assert len(map_nodes_of_kind(scene, "votes")) == 5 and len(result.maps()) == 7   # votes, agreement, oracle
     sh = scene.GetSubjectHierarchyNode()
@@ -436,8 +455,10 @@ def test_weight_maps_are_loaded_only_on_request(weighted_run):
     sh.GetItemChildren(result.folderItemID, children)
     assert "Weight maps" not in [sh.GetItemName(children.GetId(k)) for k in range(children.GetNumberOfIds())]
 
-    asked, scene, _ = weighted_run_reloaded(weighted_run, weightMaps=True)
-    assert sorted(asked.weightMaps) == sorted(result.run["atlases"])
+    asked = weights_run(weighted_run)
+    scene = _WEIGHTS_RUNS["scene"]
+    assert sum(key.startswith("weights_") for key in asked.run["files"]) == 3
+    assert sorted(asked.weightMaps) == sorted(asked.run["atlases"])
     assert len(map_nodes_of_kind(scene, "weights")) == 3
     weights_item = sh_parent_name(scene, asked.weightMaps["phantom_000"])
     assert weights_item == "Weight maps"

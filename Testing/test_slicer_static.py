@@ -25,9 +25,14 @@ MODULES_WITH_GUI = ["DeepLabelFusion", "AtlasNetSeg"]
 LIBRARY = "AtlasSegLib"
 # per module: the fewest widgets its code should use, and parameters its .ui must bind
 MIN_WIDGETS_USED = {"DeepLabelFusion": 25, "AtlasNetSeg": 12}
+TRAINING_BOUND = {"trainingAtlasFolder", "trainingEpochs", "trainingModelFolder"}   # the Train a model section
 BOUND_PARAMETERS = {"DeepLabelFusion": {"targetVolume", "atlasFolder", "nAtlases", "jlfAlpha", "outputSegmentation",
-                                        "show3D", "weightMaps"},
-                    "AtlasNetSeg": {"targetVolume", "extraModality1", "modelFolder", "networkSegmentations"}}
+                                        "show3D", "weightMaps", *TRAINING_BOUND},
+                    "AtlasNetSeg": {"targetVolume", "extraModality1", "modelFolder", "networkSegmentations",
+                                    *TRAINING_BOUND}}
+TRAINING_PANEL = REPO / LIBRARY / "trainingpanel.py"   # the Train a model section's code, shared by the modules
+TRAINING_FIELDS = {"trainingAtlasFolder", "trainingMethod", "trainingSize", "trainingEpochs", "trainingDevice",
+                   "trainingModelFolder"}
 
 
 def screenshot(module: str) -> Path:
@@ -169,6 +174,64 @@ def test_deep_label_fusion_panel_sections_and_widgets():
                  "run.newLogLines()"):
         assert call in code, call
     assert "self._run.cancel()" not in code   # the blocking cancel never runs in the GUI thread
+
+
+@pytest.mark.parametrize("module", MODULES_WITH_GUI)
+def test_train_section_widgets_parameters_and_wiring(module):
+    """The shared *Train a model* section: every widget its code uses is in the module's .ui, inside the section,
+    which is collapsed by default; every input explains itself; the parameters it reads are fields of the module's
+    parameter node; the module builds it, refreshes it and takes the trained model for Apply; cancel never
+    blocks the panel."""
+    path = ui_file(module)
+    widgets = ui_widgets(path)
+    code = TRAINING_PANEL.read_text()
+    used = set(re.findall(r"self\.ui\.(\w+)", code))
+    assert len(used) >= 10, used
+    assert not sorted(used - set(widgets)), f"{module}.ui lacks {sorted(used - set(widgets))}"
+    bound = {name for name, w in widgets.items() if any(
+        prop.get("name") == "SlicerParameterName" and (prop.findtext("string") or "").startswith("training")
+        for prop in w.findall("property"))}
+    assert {ui_property(widgets[name], "SlicerParameterName") for name in bound} == TRAINING_BOUND
+    used |= bound
+    section = widgets["trainCollapsibleButton"]
+    assert section.get("class") == "ctkCollapsibleButton" and ui_property(section, "collapsed") is True
+    assert ui_property(section, "text") == "Train a model"
+    for name in used:
+        assert "trainCollapsibleButton" in ui_ancestors(path, name), f"{name} is outside the Train section"
+    inputs = {"QComboBox", "QSpinBox", "ctkPathLineEdit", "QPushButton"}
+    for name in used:
+        if widgets[name].get("class") in inputs:
+            assert ui_property(widgets[name], "toolTip"), f"{name} has no tooltip"
+    fields = parameter_node_fields(REPO / module / f"{module}.py")
+    assert TRAINING_FIELDS <= fields
+    assert set(re.findall(r"\bp\.(training\w+)", code)) <= fields
+    module_code = (REPO / module / f"{module}.py").read_text()
+    for call in ("TrainingSection(self.ui, self.logic", "self.training.update()", "self.training.setParameterNode(",
+                 "self.training.forget(", "def onModelTrained(self, result)"):
+        assert call in module_code, call
+    assert "self._run.requestCancel()" in code and not re.search(r"\.cancel\(\)", code)
+
+
+def test_training_sizes_and_methods_come_from_the_library_and_the_registry():
+    """The size choices say what they are for; each module trains the registry's trainable methods of its panel."""
+    from atlasseg import methods
+
+    sys.path.insert(0, str(REPO / "DeepLabelFusion"))
+    sys.path.insert(0, str(REPO / "AtlasNetSeg"))
+    from AtlasNetSegLib import AtlasNetLogic
+    from DeepLabelFusionLib import FusionLogic
+
+    from AtlasSegLib import DEFAULT_SIZE, TRAINING_SIZES
+
+    assert list(TRAINING_SIZES) == ["small", "standard", "large"] and DEFAULT_SIZE in TRAINING_SIZES
+    assert "CPU" in TRAINING_SIZES["small"].label and "GPU" in TRAINING_SIZES["large"].label
+    for size in TRAINING_SIZES.values():
+        assert not re.search(r"\btorch\b", size.label + size.noteFor("dlf") + size.noteFor("atlasnet"), re.I)
+    for logic, module in ((FusionLogic(None), "DeepLabelFusion"), (AtlasNetLogic(None), "AtlasNetSeg")):
+        expected = {n: m.label for n, m in methods.METHODS.items() if m.trains and m.slicer_module == module}
+        assert logic.trainingMethods() == expected and expected
+    assert list(FusionLogic(None).trainingMethods()) == ["dlf"]
+    assert list(AtlasNetLogic(None).trainingMethods()) == ["atlasnet"]
 
 
 def test_deep_label_fusion_panel_speaks_plainly():
@@ -441,8 +504,59 @@ def atlasnet_example(panel) -> None:
 PANEL_EXAMPLES = {"DeepLabelFusion": deep_label_fusion_example, "AtlasNetSeg": atlasnet_example}
 
 
-def render_panel(module: str, png: Path) -> tuple[int, int]:
-    """Render the module panel, Slicer widgets replaced by look-alike Qt widgets and an example state filled in."""
+def training_example(panel) -> None:
+    """The Train section in the training screenshot: a Deep Label Fusion training at epoch 13 of 20, its plot (drawn
+    here with the engine's chart code, standing in for Slicer's plot view) and the engine log."""
+    import numpy as np
+    from PySide6.QtGui import QImage, QPixmap
+    from PySide6.QtWidgets import QComboBox, QLabel, QLineEdit, QProgressBar, QPushButton, QSpinBox, QWidget
+
+    from atlasseg.render import line_chart
+    from AtlasSegLib import TRAINING_SIZES
+
+    epochs = list(range(1, 13))
+    loss = [1.21, 0.93, 0.78, 0.66, 0.58, 0.52, 0.47, 0.43, 0.40, 0.37, 0.35, 0.33]
+    dice = [0.52, 0.64, 0.71, 0.75, 0.79, 0.81, 0.82, 0.84, 0.85, 0.85, 0.86, 0.86]
+    for name, text in (("trainingMethodComboBox", "Deep Label Fusion"),
+                       ("trainingSizeComboBox", TRAINING_SIZES["standard"].label),
+                       ("trainingDeviceComboBox", "Auto (GPU when available)")):
+        panel.findChild(QComboBox, name).addItem(text)
+    panel.findChild(QComboBox, "trainingMethodComboBox").setEnabled(False)   # one trainable method here
+    panel.findChild(QLabel, "trainingSizeNoteLabel").setText(TRAINING_SIZES["standard"].noteFor("dlf"))
+    panel.findChild(QLineEdit, "trainingAtlasFolderPathLineEdit").setText("/data/atlases/hippocampus")
+    panel.findChild(QLineEdit, "trainingModelFolderPathLineEdit").setText("/data/models/dlf-hippocampus")
+    panel.findChild(QSpinBox, "trainingEpochsSpinBox").setValue(20)
+    panel.findChild(QLabel, "trainingFolderNoteLabel").setText(
+        "Training into this folder: the model there is updated after every epoch.")
+    panel.findChild(QPushButton, "trainButton").setText("Cancel training")
+    panel.findChild(QPushButton, "trainButton").setEnabled(True)
+    panel.findChild(QProgressBar, "trainingProgressBar").setValue(628)
+    panel.findChild(QLabel, "trainingStatusLabel").setText(
+        f"epoch 13/20 loss 0.3262 (last epoch 12: loss {loss[-1]:.3f}, validation Dice {dice[-1]:.3f})")
+    rgb = np.ascontiguousarray(line_chart([(epochs, loss, (220, 30, 30), "training loss"),
+                                           (epochs, dice, (30, 80, 220), "validation Dice")], 400, 220,
+                                          title="Deep Label Fusion training - dlf-hippocampus", xlabel="epoch",
+                                          ylabel="loss / Dice", xmax=13, title_scale=1))
+    plot = QLabel()
+    plot.setPixmap(QPixmap.fromImage(QImage(rgb.data, rgb.shape[1], rgb.shape[0], 3 * rgb.shape[1],
+                                            QImage.Format_RGB888).copy()))
+    panel.findChild(QWidget, "trainingPlotContainer").layout().addWidget(plot)
+    for hidden in ("progressBar", "modelFolderLabel", "modelFolderPathLineEdit", "atlasPairsWidget",
+                   "extraModality1Label", "extraModality1Selector", "extraModality2Label", "extraModality2Selector"):
+        panel.findChild(QWidget, hidden).hide()
+
+
+TRAINING_SCREENSHOT_SECTIONS = {"trainCollapsibleButton"}   # shown open in the training screenshot; others closed
+
+
+def training_screenshot(module: str = "DeepLabelFusion") -> Path:
+    return REPO / module / "Resources" / "Screenshots" / f"{module}_training.png"
+
+
+def render_panel(module: str, png: Path, example=None, openSections: set[str] | None = None) -> tuple[int, int]:
+    """Render the module panel, Slicer widgets replaced by look-alike Qt widgets and an example state filled in
+    (``example``: the module's panel example by default); ``openSections``: the collapsible sections shown open
+    (default: as the .ui has them)."""
     qt_app()
     from PySide6.QtCore import Qt
     from PySide6.QtWidgets import QGroupBox, QSlider, QWidget
@@ -451,14 +565,15 @@ def render_panel(module: str, png: Path) -> tuple[int, int]:
     for box in panel.findChildren(QGroupBox):
         if box.property("text") is None:   # a real group box, not a collapsible section's stand-in
             continue
-        collapsed = bool(box.property("collapsed"))
+        collapsed = bool(box.property("collapsed")) if openSections is None else \
+            box.objectName() not in openSections
         box.setTitle(("\u25b8 " if collapsed else "\u25be ") + str(box.property("text") or ""))
         if collapsed:   # as Slicer shows it: the title only
             for child in box.findChildren(QWidget, options=Qt.FindDirectChildrenOnly):
                 child.hide()
             box.setFlat(True)
             box.setFixedHeight(box.fontMetrics().height() + 4)
-    PANEL_EXAMPLES[module](panel)
+    (example or PANEL_EXAMPLES[module])(panel)
     panel.findChild(QWidget, "applyButton").setEnabled(True)
     slider = panel.findChild(QSlider, "mapOpacitySlider")   # the .ui's 0..1 range, in hundredths
     slider.setRange(0, 100)
@@ -487,10 +602,26 @@ def test_panel_renders_to_png(module, tmp_path):
     assert screenshot(module).is_file(), "commit a rendering: python Testing/test_slicer_static.py"
 
 
+def test_training_panel_renders_to_png(tmp_path):
+    """The Train section open during a training: every other section closed, the plot and progress shown."""
+    png = tmp_path / "training.png"
+    width, height = render_panel("DeepLabelFusion", png, training_example, TRAINING_SCREENSHOT_SECTIONS)
+    from PySide6.QtGui import QImage
+
+    image = QImage(str(png))
+    assert (image.width(), image.height()) == (width, height) and width >= 400 and height >= 450
+    colours = {image.pixel(x, y) for x in range(0, width, 5) for y in range(0, height, 5)}
+    assert len(colours) > 20, "the rendering is blank"
+    assert training_screenshot().is_file(), "commit a rendering: python Testing/test_slicer_static.py"
+
+
 if __name__ == "__main__":   # python Testing/test_slicer_static.py [MODULE ...]: rewrite the screenshots
     sys.path.insert(0, str(REPO))
     for name in sys.argv[1:] or MODULES_WITH_GUI:
         print(render_panel(name, screenshot(name)), screenshot(name))
+        if name == "DeepLabelFusion":
+            print(render_panel(name, training_screenshot(), training_example, TRAINING_SCREENSHOT_SECTIONS),
+                  training_screenshot())
 
 
 def test_module_method_backend_and_preset_lists_come_from_the_engine_registry():

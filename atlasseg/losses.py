@@ -167,3 +167,132 @@ def deep_supervision_loss(loss_fn: nn.Module, heads: Sequence[torch.Tensor], tar
     """Weighted mean of the loss over output heads (full resolution first; all upsampled to the target size)."""
     weights = list(weights[:len(heads)]) or [1.0]
     return sum(w * loss_fn(h, target) for w, h in zip(weights, heads)) / sum(weights)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# registration losses (DeepAtlas, the learned registration backend)
+#
+# Fields are dense displacements or velocities in voxel units, (B, 3, Z, Y, X) with channels in array-axis order
+# (z, y, x), as MONAI's ``DVF2DDF`` / ``Warp`` take them. The regularisers are written here rather than taken from
+# MONAI because MONAI's bending-energy stencil changed between versions (1.4 -> 1.6), so one weight would mean
+# different smoothing depending on the installed MONAI.
+
+SIMILARITIES = ("lncc", "ncc")
+REGULARIZERS = ("diffusion", "bending")
+REGULARIZER_REFERENCE_SIZE = 128
+
+
+def lncc_loss(warped: torch.Tensor, fixed: torch.Tensor, radius: int = 4) -> torch.Tensor:
+    """``1 - mean`` local squared normalised cross-correlation over ``(2r+1)^3`` windows (VoxelMorph's NCC with a
+    9^3 window for ``radius=4``); (B, C, Z, Y, X) each. 0 for locally affine-related images, at most 1."""
+    from .registration.filters import lncc
+
+    return 1.0 - lncc(warped, fixed, int(radius)).mean()
+
+
+def global_ncc_loss(warped: torch.Tensor, fixed: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:
+    """``1 - `` Pearson correlation of the whole images, per sample and channel, averaged; in [0, 2]."""
+    a = warped.flatten(2) - warped.flatten(2).mean(-1, keepdim=True)
+    b = fixed.flatten(2) - fixed.flatten(2).mean(-1, keepdim=True)
+    ncc = (a * b).sum(-1) / ((a.square().sum(-1) * b.square().sum(-1)).sqrt() + eps)
+    return 1.0 - ncc.mean()
+
+
+def similarity_loss(name: str, warped: torch.Tensor, fixed: torch.Tensor, radius: int = 4) -> torch.Tensor:
+    """An image dissimilarity by name: ``lncc`` (:func:`lncc_loss`) or ``ncc`` (:func:`global_ncc_loss`)."""
+    if name == "lncc":
+        return lncc_loss(warped, fixed, radius)
+    if name == "ncc":
+        return global_ncc_loss(warped, fixed)
+    raise ValueError(f"similarity must be one of {', '.join(SIMILARITIES)}, got {name!r}")
+
+
+def _field(ddf: torch.Tensor) -> torch.Tensor:
+    if ddf.dim() != 5 or ddf.shape[1] != 3:
+        raise ValueError(f"a 3D field is (B, 3, Z, Y, X), got shape {tuple(ddf.shape)}")
+    return ddf
+
+
+def diffusion_regularizer(ddf: torch.Tensor) -> torch.Tensor:
+    """Diffusion regulariser: the mean squared forward difference of the field, per axis the mean over the
+    components and the voxel pairs, then the mean over the three axes (VoxelMorph's ``Grad('l2')``).
+
+    For the same physical deformation it does not depend on the grid's resolution (a voxel displacement and a
+    per-voxel difference scale alike), so its weight needs no scaling by grid size. 0 for a constant field."""
+    _field(ddf)
+    terms = [(ddf.narrow(d, 1, ddf.shape[d] - 1) - ddf.narrow(d, 0, ddf.shape[d] - 1)).square().mean()
+             for d in (2, 3, 4)]
+    return sum(terms) / 3.0
+
+
+def bending_energy(ddf: torch.Tensor) -> torch.Tensor:
+    """Bending energy: per voxel and component ``sum_ij (d2 u / dx_i dx_j)^2`` (mixed terms counted twice),
+    averaged over the interior voxels (one voxel from every face), the components and the batch.
+
+    Second derivatives by central differences in voxel units: ``u[i+1] - 2u[i] + u[i-1]`` along an axis,
+    ``(u[+1,+1] - u[+1,-1] - u[-1,+1] + u[-1,-1]) / 4`` across two. 0 for an affine field; ``4 a^2 / 3`` for
+    ``u = (a x^2, 0, 0)``. For the same physical deformation it grows with the square of the grid size: scale its
+    weight with :func:`regularizer_scale`. Needs at least 3 voxels per axis."""
+    _field(ddf)
+    if min(ddf.shape[2:]) < 3:
+        raise ValueError(f"bending energy needs at least 3 voxels per axis, got {tuple(ddf.shape[2:])}")
+    core = (slice(None), slice(None), slice(1, -1), slice(1, -1), slice(1, -1))
+
+    def shifted(offsets: dict[int, int]) -> torch.Tensor:
+        sl = [slice(None), slice(None)]
+        for d in (2, 3, 4):
+            o, n = offsets.get(d, 0), ddf.shape[d]
+            sl.append(slice(1 + o, n - 1 + o))
+        return ddf[tuple(sl)]
+
+    centre = ddf[core]
+    energy = torch.zeros_like(centre)
+    for d in (2, 3, 4):
+        energy = energy + (shifted({d: 1}) - 2.0 * centre + shifted({d: -1})).square()
+    for a, b in ((2, 3), (2, 4), (3, 4)):
+        mixed = (shifted({a: 1, b: 1}) - shifted({a: 1, b: -1}) - shifted({a: -1, b: 1})
+                 + shifted({a: -1, b: -1})) / 4.0
+        energy = energy + 2.0 * mixed.square()
+    return energy.mean()
+
+
+def regularizer_scale(name: str, grid_shape: Sequence[int],
+                      reference_size: int = REGULARIZER_REFERENCE_SIZE) -> float:
+    """Factor by which a regulariser's weight is multiplied on a grid of ``grid_shape`` voxels, so that one weight
+    means the same smoothing of a physical deformation at any resolution: 1 for ``diffusion`` (first derivatives
+    of a voxel displacement do not change with the grid), ``(S / reference_size)^2`` for ``bending`` (second
+    derivatives shrink as ``1 / S``; ``S``: the geometric mean of the grid's voxel counts; the MONAI tutorial's
+    ``(S / 128)^2`` rule)."""
+    if name == "diffusion":
+        return 1.0
+    if name == "bending":
+        size = float(np.prod([float(s) for s in grid_shape])) ** (1.0 / len(grid_shape))
+        return (size / float(reference_size)) ** 2
+    raise ValueError(f"regularizer must be one of {', '.join(REGULARIZERS)}, got {name!r}")
+
+
+def regularizer_loss(name: str, ddf: torch.Tensor) -> torch.Tensor:
+    """A smoothness regulariser by name: ``diffusion`` or ``bending`` (unscaled; see :func:`regularizer_scale`)."""
+    if name == "diffusion":
+        return diffusion_regularizer(ddf)
+    if name == "bending":
+        return bending_energy(ddf)
+    raise ValueError(f"regularizer must be one of {', '.join(REGULARIZERS)}, got {name!r}")
+
+
+def soft_dice(a: torch.Tensor, b: torch.Tensor, include_background: bool = False,
+              eps: float = 1e-5) -> torch.Tensor:
+    """Soft Dice ``2 sum(a b) / (sum(a) + sum(b))`` of two (B, L, *spatial) label maps (one-hot or probabilities),
+    per sample, averaged over the labels ``1..L-1`` (also 0 with ``include_background``) -> (B,). A label absent
+    from both maps counts 1."""
+    if a.shape != b.shape:
+        raise ValueError(f"soft Dice of maps of different shapes {tuple(a.shape)} and {tuple(b.shape)}")
+    first = 0 if include_background else 1
+    a, b = a[:, first:].flatten(2), b[:, first:].flatten(2)
+    dice = (2.0 * (a * b).sum(-1) + eps) / (a.sum(-1) + b.sum(-1) + eps)
+    return dice.mean(1)
+
+
+def soft_dice_loss(a: torch.Tensor, b: torch.Tensor, include_background: bool = False) -> torch.Tensor:
+    """``1 - `` :func:`soft_dice`, averaged over the batch (DeepAtlas's anatomy loss)."""
+    return 1.0 - soft_dice(a, b, include_background).mean()

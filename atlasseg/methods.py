@@ -16,6 +16,9 @@ import importlib
 from dataclasses import dataclass
 
 BACKENDS = ("torch", "greedy")
+# Backends that need a trained registration model (``register(..., model=DIR)``, ``--reg-model DIR``): backend ->
+# the method whose model folder it reads. Kept apart from BACKENDS, which need nothing but images.
+MODEL_BACKENDS = {"learned": "deepatlas"}
 REGISTRATION_PRESETS = ("fast", "default", "accurate", "affine")
 # Defaults of the methods without a model (a trained model carries its own registration settings), and joint
 # label fusion's parameters (as antsJointFusion). Written once, here, so that ``--help`` and the Slicer panel read
@@ -79,6 +82,10 @@ METHODS: dict[str, MethodInfo] = {m.name: m for m in (
     MethodInfo("segmenter", "Segmentation network", "a network of the backbone library trained on the images "
                "alone (no atlases at inference)", True, False, "atlasseg.segmenter:SegmenterConfig",
                "atlasseg.training:TrainConfig", "atlasseg.segmenter"),
+    MethodInfo("deepatlas", "DeepAtlas", "DeepAtlas (Xu & Niethammer 2019): registration and segmentation networks "
+               "learned jointly from few labels; segments with its segmentation network, registers with the "
+               "'learned' backend", True, False, "atlasseg.deepatlas.config:DeepAtlasConfig",
+               "atlasseg.deepatlas.config:DeepAtlasTrainConfig", "atlasseg.deepatlas", "DeepAtlasReg"),
 )}
 
 ALIASES = {"unet": "segmenter"}     # model folders written before the registry called the plain U-Net "unet"

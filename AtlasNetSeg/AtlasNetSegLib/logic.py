@@ -28,7 +28,8 @@ from AtlasSegLib.results import (
     readRunRecord,
     segmentationFromLabelFile,
 )
-from AtlasSegLib.run import EngineLogic, EngineRun, PreparedRun, ProgressCallback, waitForRun
+from AtlasSegLib.run import EngineRun, PreparedRun, ProgressCallback, waitForRun
+from AtlasSegLib.training import TrainingLogic
 
 from .model import METHOD, ModelFolderProblem, ModelInfo, readModelInfo
 
@@ -74,11 +75,15 @@ class AtlasNetResultNodes:
         return [*self.probabilityMaps.values(), *perNetwork, *(n for n in (self.agreement, self.oracle) if n)]
 
 
-class AtlasNetLogic(EngineLogic):
-    """Converts nodes to engine inputs, runs AtlasNet in a background process, loads its outputs as nodes.
+class AtlasNetLogic(TrainingLogic):
+    """Converts nodes to engine inputs, runs AtlasNet in a background process, loads its outputs as nodes; and
+    trains AtlasNet models from the panel (:class:`AtlasSegLib.training.TrainingLogic`: ``startTraining``,
+    ``trainBlocking``, ``trainingProblems``).
 
     ``python`` and ``processFactory``: see :class:`AtlasSegLib.run.EngineLogic`.
     """
+
+    trainingModule = "AtlasNetSeg"
 
     # ------------------------------------------------------------------ validation
     def inputProblems(self, inputs: AtlasNetInputs, settings: AtlasNetSettings) -> list[str]:

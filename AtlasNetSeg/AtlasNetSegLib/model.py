@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from AtlasSegLib.engine import EngineError, engineRegistry
+from AtlasSegLib.training import configMethod
 
 METHOD = "atlasnet"
 MODEL_FORMAT = "atlasseg-model"        # atlasseg.model_io.MODEL_FORMAT / MODEL_VERSION
@@ -93,18 +94,12 @@ def _readConfig(folder: Path) -> dict:
 
 def _checkMethod(folder: Path, config: dict) -> None:
     """An AtlasNet model of the format this engine reads; another method's model names the module to use."""
-    method = _legacyMethod(config) if config["format"] == LEGACY_FORMAT else str(config.get("method", ""))
+    method = configMethod(config)
     if method != METHOD:
         raise ModelFolderProblem(f"{folder} holds {_methodDescription(method)}, not an AtlasNet model.")
     if config.get("version") != MODEL_VERSION:
         raise ModelFolderProblem(f"{folder / CONFIG}: {MODEL_FORMAT} version {config.get('version')} is not "
                                  f"supported (this engine reads version {MODEL_VERSION}).")
-
-
-def _legacyMethod(config: dict) -> str:
-    """Format-1 folders hold Deep Label Fusion or its plain U-Net baseline (today's segmenter)."""
-    architecture = config.get("architecture") if isinstance(config.get("architecture"), dict) else {}
-    return "segmenter" if architecture.get("kind") == "unet" else "dlf"
 
 
 def _methodDescription(method: str) -> str:

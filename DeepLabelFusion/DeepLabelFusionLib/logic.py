@@ -33,7 +33,8 @@ from AtlasSegLib.results import (
     segmentationFromLabelFile,
     uniqueName,
 )
-from AtlasSegLib.run import EngineLogic, EngineRun, PreparedRun, ProgressCallback, waitForRun
+from AtlasSegLib.run import EngineRun, PreparedRun, ProgressCallback, waitForRun
+from AtlasSegLib.training import TrainingLogic
 
 try:  # the engine's method registry (atlasseg.methods), read without importing torch
     REGISTRY = engineRegistry()
@@ -98,11 +99,15 @@ class FusionResultNodes:
         return [*self.voteMaps.values(), *self.weightMaps.values(), *(n for n in (self.agreement, self.oracle) if n)]
 
 
-class FusionLogic(EngineLogic):
-    """Converts nodes to engine inputs, runs the engine in a background process, loads its outputs as nodes.
+class FusionLogic(TrainingLogic):
+    """Converts nodes to engine inputs, runs the engine in a background process, loads its outputs as nodes; and
+    trains this module's trainable methods (Deep Label Fusion) from the panel
+    (:class:`AtlasSegLib.training.TrainingLogic`: ``startTraining``, ``trainBlocking``, ``trainingProblems``).
 
     ``python`` and ``processFactory``: see :class:`AtlasSegLib.run.EngineLogic`.
     """
+
+    trainingModule = "DeepLabelFusion"
 
     # ------------------------------------------------------------------ validation
     def inputProblems(self, inputs: FusionInputs, settings: FusionSettings) -> list[str]:
@@ -135,7 +140,7 @@ class FusionLogic(EngineLogic):
         if settings.nAtlases < 1:
             problems.append("Use at least one atlas.")
         available = len(inputs.atlasPairs) if not inputs.atlasFolder else readAtlasFolderCaseCount(inputs.atlasFolder)
-        if available is not None and settings.nAtlases > available:   # the engine refuses it too, after start-up
+        if available and settings.nAtlases > available:   # none at all is explained above; the engine refuses it too
             problems.append(f"The atlas set has {available} atlas(es): set the number of atlases to at most "
                             f"{available}.")
         return problems
@@ -173,7 +178,8 @@ class FusionLogic(EngineLogic):
         command = [self.python, "-m", "atlasseg", "segment", "--target", *map(str, targets),
                    "--atlases", str(atlasDir), "--output", str(output), "--method", settings.method,
                    "--n-atlases", str(settings.nAtlases), "--backend", settings.backend, "--preset", settings.preset,
-                   "--device", DEVICES.get(settings.device, settings.device), "--seed", str(settings.seed), "--maps"]
+                   "--device", DEVICES.get(settings.device, settings.device), "--seed", str(settings.seed),
+                   "--maps", *self.mapKinds(settings)]
         if settings.method == "jlf":
             command += ["--jlf-alpha", repr(settings.jlfAlpha), "--jlf-beta", repr(settings.jlfBeta),
                         "--jlf-patch-radius", str(settings.jlfPatchRadius),
@@ -183,6 +189,14 @@ class FusionLogic(EngineLogic):
         if reference is not None:
             command += ["--reference", str(reference)]
         return command
+
+    @staticmethod
+    def mapKinds(settings: FusionSettings) -> list[str]:
+        """The maps the engine writes: what the panel loads (votes, agreement, oracle with a reference, the final
+        probabilities of Deep Label Fusion), plus the per-atlas weight maps only when asked for: they are many
+        (one per atlas, and per label for DLF) and large, so neither written nor loaded by default."""
+        kinds = ["votes", "agreement", "oracle", "probabilities"]
+        return kinds + ["weights"] if settings.weightMaps else kinds
 
     def _writeSceneAtlases(self, pairs: Sequence, folder: Path):
         """Atlas (image, segmentation) node pairs -> a Decathlon folder; labels named after the segments."""
@@ -345,8 +359,9 @@ def methodDescription(method: str) -> str:
     info = REGISTRY.METHODS[method]
     text = info.description[0].upper() + info.description[1:] + "."
     if info.trains:
-        text += (f" Needs a trained model folder: train one on your atlas set with 'atlasseg train --method "
-                 f"{method} --atlases ATLAS_FOLDER --output MODEL_FOLDER' (README, section '{info.label}').")
+        text += (f" Needs a trained model folder: train one on your atlas set in 'Train a model' below, or with "
+                 f"'atlasseg train --method {method} --atlases ATLAS_FOLDER --output MODEL_FOLDER' (README, section "
+                 f"'{info.label}').")
     else:
         text += " No training needed."
     return text

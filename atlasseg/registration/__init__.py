@@ -2,12 +2,17 @@
 
 >>> regs = register(target_images, [atlas.images for atlas in atlases], backend="torch")
 >>> images, labels = warp_atlases(target_geometry, atlases, regs, label_values)
+>>> regs = register(target_images, atlas_images, backend="learned", model="deepatlas_model/")   # DeepAtlas's F_R
+>>> with learned_model("deepatlas_model/"):      # the model for callers that do not pass registration settings
+...     segment(target_images, atlas_set, method="jlf", backend="learned")
 """
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -18,14 +23,29 @@ import torch
 from ..device import resolve_device
 from ..intensity import percentile_normalize
 from ..io import Geometry, image_to_tensor, labels_to_tensor
-from ..methods import BACKENDS
+from ..methods import BACKENDS, MODEL_BACKENDS
 from . import greedy_backend, torch_backend
 from .transforms import DisplacementField, warp_image, warp_labels
 
 ProgressFn = Callable[[float, str], None]
 
-__all__ = ["BACKENDS", "DisplacementField", "Registration", "register", "warp_atlases", "warp_image",
-           "warp_labels", "normalized_tensor"]
+__all__ = ["BACKENDS", "MODEL_BACKENDS", "DisplacementField", "Registration", "learned_model", "register",
+           "warp_atlases", "warp_image", "warp_labels", "normalized_tensor"]
+
+# The registration model of the ``learned`` backend when a caller passes none (set by :func:`learned_model`).
+_LEARNED_MODEL: contextvars.ContextVar = contextvars.ContextVar("atlasseg_learned_model", default=None)
+
+
+@contextlib.contextmanager
+def learned_model(model) -> Iterator[None]:
+    """Within the block, ``register(..., backend="learned")`` without ``model=`` uses ``model`` (a DeepAtlas model
+    folder): so that methods that call :func:`register` with their own settings (Deep Label Fusion, AtlasNet) can
+    register with it too (``atlasseg segment --backend learned --reg-model DIR``)."""
+    token = _LEARNED_MODEL.set(model)
+    try:
+        yield
+    finally:
+        _LEARNED_MODEL.reset(token)
 
 
 @dataclass
@@ -73,7 +93,9 @@ def register(target: sitk.Image | Sequence[sitk.Image], atlases: Sequence[sitk.I
     Args:
         target: the target's channel images (one per modality), all on one grid.
         atlases: per atlas, its channel images (same modalities, in the same order).
-        backend: "torch" (batched, CUDA when available) or "greedy" (PICSL Greedy, CPU).
+        backend: "torch" (batched, CUDA when available), "greedy" (PICSL Greedy, CPU) or "learned" (a DeepAtlas
+            model's registration network: ``model=DIR`` or :func:`learned_model`; one forward pass per atlas,
+            ``iterations=N`` steps of test-time optimisation; see :func:`atlasseg.deepatlas.register_learned`).
         preset: "fast", "default", "accurate" or "affine"; ``overrides`` change single settings of the backend.
         mask: optional target mask (non-zero = inside) restricting the similarity metric.
     Returns: one :class:`Registration` per atlas, in order.
@@ -102,8 +124,19 @@ def register(target: sitk.Image | Sequence[sitk.Image], atlases: Sequence[sitk.I
         norm_t = _normalized_images(target)
         norm_a = [_normalized_images(x) for x in atlases]
         fields = greedy_backend.register_all(norm_t, norm_a, settings, mask, progress, dev)
+    elif backend in MODEL_BACKENDS:
+        from ..deepatlas.inference import register_learned
+
+        model = overrides.pop("model", None) or _LEARNED_MODEL.get()
+        if model is None:
+            raise ValueError("the learned registration backend needs a DeepAtlas model folder (model=DIR, or "
+                             "--reg-model DIR on the command line)")
+        if mask is not None:
+            raise ValueError("the learned registration backend takes no registration mask")
+        fields = register_learned(target, atlases, model, dev, preset, progress=progress, **overrides)
     else:
-        raise ValueError(f"unknown registration backend '{backend}': choose from {BACKENDS}")
+        raise ValueError(f"unknown registration backend '{backend}': choose from "
+                         f"{(*BACKENDS, *MODEL_BACKENDS)}")
     seconds = (time.perf_counter() - start) / len(atlases)
     return [Registration(f, i, backend, seconds) for f, i in fields]
 
