@@ -100,7 +100,7 @@ def test_dlf_takes_any_backbone_by_name(phantom_set, tmp_path):
 
 
 def test_registry_lists_every_method_and_its_config_and_implementation():
-    assert method_names() == ["majority", "weighted", "jlf", "staple", "dlf", "atlasnet", "segmenter"]
+    assert method_names() == ["majority", "weighted", "jlf", "staple", "dlf", "atlasnet", "segmenter", "deepatlas"]
     assert fusion_method_names() == ["majority", "weighted", "jlf", "staple"]
     for name in method_names(trains=True):
         architecture, training = config_classes(name)

@@ -1,4 +1,4 @@
-"""Command line: ``atlasseg segment | train | evaluate | benchmark | demo`` (``dlf-train``: ``train --method dlf``).
+"""Command line: ``atlasseg segment | train | register | evaluate | benchmark | demo`` (``dlf-train``: an alias).
 
 Methods, backends and presets come from the registry (:mod:`atlasseg.methods`); training flags are derived from
 each method's config dataclasses (:mod:`atlasseg.config`), so defaults are written once. Bad input ends with exit
@@ -34,6 +34,7 @@ from .methods import (
     DEFAULT_PRESET,
     JLF_DEFAULTS,
     MAP_KINDS,
+    MODEL_BACKENDS,
     REGISTRATION_PRESETS,
     RUN_RECORD,
     config_classes,
@@ -106,10 +107,12 @@ def _add_threads_arg(p: argparse.ArgumentParser) -> None:
                         f"{MAX_DEFAULT_THREADS}; on a machine shared with other jobs 1 is often fastest)")
 
 
-def _add_registration_args(p: argparse.ArgumentParser, trained_note: bool = False) -> None:
+def _add_registration_args(p: argparse.ArgumentParser, trained_note: bool = False, learned: bool = False) -> None:
     note = "; a trained model: the setting it was trained with" if trained_note else ""
-    p.add_argument("--backend", choices=BACKENDS, default=None,
-                   help=f"registration backend (default {REGISTRATION_DEFAULTS['backend']}{note})")
+    backends = (*BACKENDS, *MODEL_BACKENDS) if learned else BACKENDS
+    learned_note = "; learned: a DeepAtlas model's registration network, with --reg-model DIR" if learned else ""
+    p.add_argument("--backend", choices=backends, default=None,
+                   help=f"registration backend (default {REGISTRATION_DEFAULTS['backend']}{note}{learned_note})")
     p.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, gpu or cuda:N")
     p.add_argument("--preset", choices=PRESETS, default=None,
                    help=f"registration quality preset (default {REGISTRATION_DEFAULTS['preset']}{note})")
@@ -178,7 +181,9 @@ def _parser(train_method: str | None = None) -> argparse.ArgumentParser:
         p.add_argument(f"--jlf-{name.replace('_', '-')}", type=kind, default=None,
                        help=f"joint label fusion {name} (default {JLF_DEFAULTS[name]}, as antsJointFusion)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
-    _add_registration_args(p, trained_note=True)
+    p.add_argument("--reg-model", help="with --backend learned: the DeepAtlas model folder whose registration "
+                                       "network registers the atlases (atlasseg train --method deepatlas)")
+    _add_registration_args(p, trained_note=True, learned=True)
 
     for command in ("train", "dlf-train"):
         p = sub.add_parser(command, help="train a method's model on an atlas set" if command == "train" else
@@ -186,6 +191,25 @@ def _parser(train_method: str | None = None) -> argparse.ArgumentParser:
         # a method's flags are built (importing its code) only for the command line that uses them
         _add_train_args(p, train_method if command == "train" or train_method == "dlf" else None, command)
         _add_threads_arg(p)
+
+    p = sub.add_parser("register", help="register a moving image to a fixed one with a DeepAtlas model's "
+                                        "registration network")
+    p.add_argument("--fixed", nargs="+", required=True, help="fixed image(s), one per modality")
+    p.add_argument("--moving", nargs="+", required=True, help="moving image(s), one per modality")
+    p.add_argument("--moving-label", help="label image of the moving image (warped onto the fixed grid)")
+    p.add_argument("--model", required=True, help="DeepAtlas model folder (atlasseg train --method deepatlas)")
+    p.add_argument("--output", required=True, help="output folder: warped_moving.nii.gz, warped_label.nii.gz, "
+                                                    "transform_forward/_inverse.nii.gz (ITK displacement fields), "
+                                                    "jacobian_determinant.nii.gz, run.json")
+    p.add_argument("--overwrite", action="store_true", help="replace the output folder of an earlier run")
+    p.add_argument("--preset", choices=PRESETS, default=None, help="default: one forward pass; accurate: plus 50 "
+                                                                   "steps of test-time optimisation; affine: the "
+                                                                   "pre-alignment alone")
+    p.add_argument("--iterations", type=int, default=None, help="steps of test-time optimisation of the field "
+                                                                "(overrides the preset's)")
+    p.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, gpu or cuda:N")
+    p.add_argument("--quiet", action="store_true", help="no progress messages")
+    _add_threads_arg(p)
 
     p = sub.add_parser("evaluate", help="metrics of a prediction against a reference")
     p.add_argument("--prediction", required=True)
@@ -378,6 +402,15 @@ def _check_segment_args(args, method) -> None:
                          "fuses)")
     if args.n_atlases is not None and args.n_atlases < 1:
         raise ValueError(f"--n-atlases {args.n_atlases}: at least 1 atlas is needed")
+    if args.backend in MODEL_BACKENDS and not args.reg_model:
+        raise ValueError(f"--backend {args.backend} needs --reg-model MODEL_FOLDER (a "
+                         f"{MODEL_BACKENDS[args.backend]} model: atlasseg train --method "
+                         f"{MODEL_BACKENDS[args.backend]})")
+    if args.reg_model:
+        if args.backend not in MODEL_BACKENDS:
+            raise ValueError(f"--reg-model is used with --backend {' or '.join(MODEL_BACKENDS)}")
+        if not Path(args.reg_model).is_dir():
+            raise ValueError(f"{args.reg_model}: registration model folder not found")
     if not method.trains and args.n_atlases is not None and args.atlas_ids:
         _check_atlas_count(args, list(args.atlas_ids), "--atlas-ids", subset_ok=False)
     if not method.uses_atlases:
@@ -425,17 +458,19 @@ def _segment(args) -> int:
     method = get_method(args.method)
     _check_segment_args(args, method)
     output = Path(args.output)
-    inputs = [Path(p) for p in [*args.target, args.atlases, args.model, args.reference] if p]
+    inputs = [Path(p) for p in [*args.target, args.atlases, args.model, args.reference, args.reg_model] if p]
     _check_output_folder(output, inputs, args.overwrite)
     with _staged_output(output, args.overwrite) as staging, _torch_threads(args.threads) as threads:
         from .device import resolve_device
         from .pipeline import staged_run_folder
+        from .registration import learned_model
 
         with staged_run_folder(staging, output):
             device = str(resolve_device(args.device))       # "cuda" without a GPU is an error here
             run, registration = _prepare_segment(args, method)
             inputs_s = time.perf_counter() - started
-            result = run()
+            with learned_model(args.reg_model):
+                result = run()
             metrics = _save_run(args, result, staging, inputs_s, started,
                                 {"threads": threads, "device": device, "registration": registration})
     print(f"segmentation: {output / 'segmentation.nii.gz'}")
@@ -449,6 +484,8 @@ def _prepare_segment(args, method):
     any registration. Returns the run (a callable) and the registration settings it will use."""
     from .atlas import load_atlas_set, load_target
 
+    if args.backend in MODEL_BACKENDS and args.preset is None:
+        args.preset = DEFAULT_PRESET      # a trained model's preset belongs to the backend it was trained with
     atlas_set = load_atlas_set(args.atlases) if args.atlases else None
     loaded = stored_atlases = None
     if method.trains:
@@ -470,6 +507,12 @@ def _prepare_segment(args, method):
         trained = (loaded.config.get("registration") or {}) if loaded is not None else {}
         registration = {k: getattr(args, k) or trained.get(k) or REGISTRATION_DEFAULTS[k]
                         for k in ("backend", "preset")}
+    if args.reg_model:       # the registration model is read and checked before any work
+        from .deepatlas.inference import check_registration_model
+
+        check_registration_model(args.reg_model, atlas_set, len(target))
+        if registration is not None:
+            registration["model"] = str(args.reg_model)
     if stored_atlases is not None:
         _check_atlas_count(args, stored_atlases, f"model {args.model} (one network each)", subset_ok=True)
     elif method.uses_atlases:
@@ -517,6 +560,52 @@ def _save_run(args, result, staging: Path, inputs_s: float, started: float, fiel
     amend_run_record(staging, {**{k: v for k, v in fields.items() if v is not None}, "files": files,
                                "timings_s": {"saving": saving, "total": time.perf_counter() - started}})
     return metrics
+
+
+def _register(args) -> int:
+    """``atlasseg register``: one moving image onto one fixed image with a DeepAtlas model's registration network
+    (checked before any work; the output folder is written whole, as for ``segment``)."""
+    started = time.perf_counter()
+    for what, paths in (("fixed", args.fixed), ("moving", args.moving),
+                        ("moving label", [args.moving_label] if args.moving_label else [])):
+        for path in paths:
+            if not Path(path).is_file():
+                raise ValueError(f"{path}: {what} image {'is a folder' if Path(path).is_dir() else 'not found'}")
+    if not Path(args.model).is_dir():
+        raise ValueError(f"{args.model}: model folder not found")
+    if args.iterations is not None and args.iterations < 0:
+        raise ValueError(f"--iterations {args.iterations}: must be 0 or more")
+    output = Path(args.output)
+    inputs = [Path(p) for p in [*args.fixed, *args.moving, args.moving_label, args.model] if p]
+    _check_output_folder(output, inputs, args.overwrite)
+    with _staged_output(output, args.overwrite) as staging, _torch_threads(args.threads) as threads:
+        from .atlas import check_same_grid, load_target, read_label
+        from .deepatlas.inference import check_registration_model, register_pair
+        from .device import resolve_device
+        from .pipeline import amend_run_record, staged_run_folder
+
+        with staged_run_folder(staging, output):
+            device = str(resolve_device(args.device))
+            fixed = load_target(args.fixed)
+            moving = load_target(args.moving, len(fixed))
+            label = None
+            if args.moving_label:
+                label = read_label(Path(args.moving_label))
+                check_same_grid(moving[0], args.moving[0], label, args.moving_label)
+            bundle = check_registration_model(args.model, None, len(fixed))
+            inputs_s = time.perf_counter() - started
+            if not args.quiet:
+                print(f"registering {args.moving[0]} to {args.fixed[0]} with {args.model}", file=sys.stderr)
+            result = register_pair(fixed, moving, bundle, label, device, args.preset or DEFAULT_PRESET,
+                                   args.iterations)
+            result.timings = {"inputs": inputs_s, **result.timings}
+            result.save(staging)
+            amend_run_record(staging, {"threads": threads, "device": device,
+                                       "timings_s": {"total": time.perf_counter() - started}})
+    stats = result.jacobian_stats
+    print(f"registration: {output} (folding {stats['folding_percent']:.3f}% of voxels, SD of log|J| "
+          f"{stats['log_jacobian_sd']:.3f})")
+    return 0
 
 
 # ------------------------------------------------------------------------------------------------ other commands
@@ -724,7 +813,8 @@ def _main(argv: list[str]) -> int:
                   f"{', '.join(method_names(trains=True))}", file=sys.stderr)
             return 2
         args.method = method
-    handlers = {"segment": _segment, "evaluate": _evaluate, "demo": _demo, "benchmark": _benchmark,
+    handlers = {"segment": _segment, "register": _register, "evaluate": _evaluate, "demo": _demo,
+                "benchmark": _benchmark,
                 "train": _train, "dlf-train": _train}
     try:
         return handlers[args.command](args)

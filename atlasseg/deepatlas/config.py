@@ -185,6 +185,8 @@ class DeepAtlasTrainConfig(TrainConfig):
         if self.round_registration_steps + self.round_segmentation_steps == 0:
             raise ValueError("a round needs at least one step: round_registration_steps and "
                              "round_segmentation_steps are both 0")
+        if (self.semi or self.semi_rounds) and self.round_segmentation_steps == 0:
+            raise ValueError("Semi-DeepAtlas rounds train F_S only: round_segmentation_steps must be at least 1")
         if self.labelled and self.labelled_fraction is not None:
             raise ValueError("give either labelled (case ids) or labelled_fraction, not both")
         if len(set(self.labelled)) != len(self.labelled):

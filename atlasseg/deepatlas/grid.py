@@ -22,13 +22,13 @@ import SimpleITK as sitk
 import torch
 import torch.nn.functional as F
 
-from ..io import Geometry, tensor_to_image
+from ..io import Geometry, tensor_to_image, write_image
 from ..registration import DisplacementField, register, warp_image
 from ..registration.transforms import affine_field, grid_points, physical_to_normalized
 from .config import GRID_DIVISOR
 
-__all__ = ["AffineFitError", "CommonGrid", "affine_from_field", "common_geometry", "to_case_grid",
-           "to_common_grid"]
+__all__ = ["AffineFitError", "CommonGrid", "affine_from_field", "common_geometry", "labels_to_common_grid",
+           "sample_on", "to_case_grid", "to_common_grid"]
 
 AFFINE_TOLERANCE_MM = 1e-2     # largest distance between a pre-alignment field and its fitted affine
 
@@ -142,8 +142,6 @@ class CommonGrid:
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
         paths = []
-        from ..io import write_image
-
         for c, image in enumerate(self.images()):
             paths.append(write_image(image, folder / f"{self.key()}_{c:04d}.nii.gz"))
         return paths

@@ -29,7 +29,8 @@ import torch
 from ..atlas import AtlasSet
 from ..device import resolve_device
 from ..fusion import FusionResult, labels_to_index
-from ..io import Geometry, label_pixel_type, labels_to_tensor, tensor_to_image, write_image
+from ..io import Geometry, image_to_tensor, label_pixel_type, labels_to_tensor, tensor_to_image, write_image
+from ..losses import regularizer_loss, similarity_loss
 from ..methods import map_kinds
 from ..model_io import CONFIG, LoadedModel, ModelFolderError, check_compatible, load_model
 from ..pipeline import SegmentationResult, write_run_record
@@ -37,12 +38,12 @@ from ..progress import Progress
 from ..registration import DisplacementField, Registration, normalized_tensor, warp_image, warp_labels
 from ..registration.transforms import grid_points
 from .fields import field_jacobian_determinant, jacobian_stats, voxel_to_mm
-from .grid import CommonGrid, sample_on, to_case_grid, to_common_grid
+from .grid import CommonGrid, labels_to_common_grid, sample_on, to_case_grid, to_common_grid
 from .model import DeepAtlasModel, load_common_grid
 from .objective import Objective, PairBatch
 
-__all__ = ["LEARNED_PRESETS", "DeepAtlasResult", "PairRegistration", "load_deepatlas", "register_learned",
-           "register_pair", "segment_deepatlas", "segment_method"]
+__all__ = ["LEARNED_PRESETS", "DeepAtlasResult", "PairRegistration", "check_registration_model", "load_deepatlas",
+           "register_learned", "register_pair", "segment_deepatlas", "segment_method"]
 
 # test-time optimisation iterations per preset of the learned backend (None: the affine pre-alignment alone)
 LEARNED_PRESETS = {"fast": 0, "default": 0, "accurate": 50, "affine": None}
@@ -96,14 +97,20 @@ def _check_modalities(bundle: DeepAtlasModelBundle, n: int, what: str) -> None:
                                f"{what}, got {n}")
 
 
+def check_registration_model(model, atlas_set: AtlasSet | None = None, n_modalities: int | None = None
+                             ) -> DeepAtlasModelBundle:
+    """A DeepAtlas model folder to register with, read and checked against the number of modalities of the atlas
+    set and of the images (labels may differ: registration does not use them); errors name the folder."""
+    bundle = load_deepatlas(model)
+    if atlas_set is not None:
+        _check_modalities(bundle, len(atlas_set.modalities), f"atlas of atlas set '{atlas_set.name}'")
+    if n_modalities is not None:
+        _check_modalities(bundle, n_modalities, "image")
+    return bundle
+
+
 def _channels(images) -> list[sitk.Image]:
     return [images] if isinstance(images, sitk.Image) else list(images)
-
-
-def _affine_field(matrix: np.ndarray, geometry: Geometry, device) -> DisplacementField:
-    from ..registration.transforms import affine_field
-
-    return affine_field(matrix, geometry, device)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -201,8 +208,6 @@ def _tto(model: DeepAtlasModel, objective: Objective, raw: torch.Tensor, batch: 
                                                    grad=False)
     field_ = raw.detach().clone().requires_grad_(True)
     optimizer = torch.optim.Adam([field_], lr=learning_rate)
-    from ..losses import regularizer_loss, similarity_loss
-
     for _ in range(int(iterations)):
         optimizer.zero_grad(set_to_none=True)
         with torch.enable_grad():
@@ -278,8 +283,6 @@ def register_learned(target: sitk.Image | Sequence[sitk.Image],
             labelled = torch.zeros(len(chunk), dtype=torch.bool, device=dev)
             for i, k in enumerate(chunk):
                 if atlas_labels is not None and atlas_labels[k] is not None:
-                    from .grid import labels_to_common_grid
-
                     index = labels_to_index(labels_to_tensor(atlas_labels[k]), sorted(bundle.loaded.labels))
                     labels[i] = labels_to_common_grid(index.to(dev), model.config.n_labels, atlas_geometries[k],
                                                       affines[k + 1], grid.geometry)
@@ -358,8 +361,6 @@ def register_pair(fixed: sitk.Image | Sequence[sitk.Image], moving: sitk.Image |
     reg = Registration(forward, inverse, "learned", t2 - t1)
     geometry = Geometry.of(fixed[0])
     moving_geometry = Geometry.of(moving[0])
-    from ..io import image_to_tensor
-
     fwd = forward.to(dev)
     warped = [warp_image(image_to_tensor(m).to(dev), moving_geometry, fwd)[0].cpu() for m in moving]
     warped_label = None

@@ -126,7 +126,8 @@ class Objective:
 
     def segmentation_loss(self, model: DeepAtlasModel, batch: PairBatch
                           ) -> tuple[torch.Tensor | None, dict[str, float]]:
-        """F_S's loss in the paper's four cases (gradient to F_S only); None when no pair has a label."""
+        """F_S's loss in the paper's four cases (gradient to F_S only); None when it cannot reach F_S (no pair has
+        a label, or only pairs with both labels and ``lambda_sp = 0``)."""
         ml, fl = batch.moving_labelled, batch.fixed_labelled
         if not bool((ml | fl).any()):
             return None, {"skipped_pairs": float(len(ml))}
@@ -152,6 +153,8 @@ class Objective:
             parts["supervised"] = float(sup.detach())
         parts["loss"] = float(loss.detach())
         parts["skipped_pairs"] = float((~(ml | fl)).sum())
+        if not loss.requires_grad:          # e.g. only pairs with both labels and no supervised term
+            return None, parts
         return loss, parts
 
     def supervised_loss(self, heads: list[torch.Tensor], labels: torch.Tensor) -> torch.Tensor:

@@ -78,7 +78,7 @@ class StepPlan:
         """Steps of each kind among the first ``upto`` steps (all by default)."""
         upto = self.total if upto is None else upto
         out, start = dict.fromkeys(PHASES, 0), 0
-        for (kind, n, _), end in zip(self.runs, self.ends):
+        for (kind, _, _), end in zip(self.runs, self.ends):
             out[kind] += max(0, min(end, upto) - start)
             start = end
         return out
@@ -382,9 +382,9 @@ class DeepAtlasTrainer:
                 metrics = self.validate(model) if validate else {}
                 history.append(self._row(step + 1, kind, round_index, running, metrics, elapsed))
                 running = {}
+                self._write(model, optimizers, history, step + 1, elapsed, executed_before + executed)
                 if validate:
                     self.log(self._message(history[-1]))
-                self._write(model, optimizers, history, step + 1, elapsed, executed_before + executed)
         progress.done("training done")
         result.history, result.seconds = history, elapsed
         result.steps_run = plan.total - start
@@ -455,7 +455,9 @@ class DeepAtlasTrainer:
                  "prealignment": {"backend": self.config.backend, "preset": "affine",
                                   "reference_id": self.grid.reference_id},
                  "training": self.training_summary(step, elapsed, executed),
-                 "validation": {k: v for k, v in last.items() if k.startswith("val_")}}
+                 "validation": {"best_mean_dice": last.get("val_dice_segmentation", float("nan")),
+                                "selection": "the last weights (F_S Dice on the common grid, for monitoring)",
+                                **{k: v for k, v in last.items() if k.startswith("val_")}}}
         save_model(self.output, self.method, model, arch.to_dict(), sets.labels, sets.modalities, 0, extra,
                    backbones={"registration": arch.registration_spec().to_dict(),
                               "segmentation": arch.segmenter_config().spec().to_dict()})
