@@ -6,8 +6,9 @@ progress, log lines and a cancel that never blocks a GUI (:mod:`.engine`), exact
 known structures (:mod:`.results`), the run and logic base (:mod:`.run`), training from a panel with a live
 table and plot, cancel and resume (:mod:`.training`), self tests that report skips as skips (:mod:`.selftest`) and
 the first-use dependency installation (:mod:`.dependencies`, needs Slicer only when called). The *Train a model*
-section's widget code, shared by the module panels, is in :mod:`.trainingpanel` (needs Slicer's Qt; imported by
-the module widgets only, never here).
+section's widget code and the Apply part's (run, progress, cancel, status, log, result maps), shared by the module
+panels, are in :mod:`.trainingpanel` and :mod:`.runpanel` (on :mod:`.enginepanel`), the module classes' base in
+:mod:`.modulebase` (need Slicer and its Qt; imported by the module files only, never here).
 
 Installed, it sits beside the modules in ``qt-scripted-modules``; in a source checkout, at the repository root,
 which each module file puts on ``sys.path`` when ``AtlasSegLib`` is not importable otherwise.
@@ -45,7 +46,7 @@ from .results import (
     structureCode,
     tagStructures,
 )
-from .run import EngineLogic, EngineRun, PreparedRun, runSeconds, waitForRun
+from .run import EngineLogic, EngineRun, PreparedRun, SegmentationRun, runSeconds, waitForRun
 from .selftest import runSelfTests
 from .training import (
     DEFAULT_SIZE,
@@ -65,12 +66,11 @@ from .training import (
 __all__ = [
     "DEFAULT_SIZE", "DEVICES", "MAP_KIND_ATTRIBUTE", "MAP_STYLES", "PALETTE", "STRUCTURE_CODES", "TRAINING_RECORD",
     "TRAINING_SIZES", "EngineCancelled", "EngineError", "EngineLogic", "EngineProcess", "EngineRun", "GeometryError",
-    "MapStyle", "ModelFolderState", "PreparedRun", "ProgressEvent", "StructureCode", "TrainingCurves",
-    "TrainingLogic", "TrainingResult", "TrainingRun", "TrainingSettings", "TrainingSize", "engineEnvironment",
-    "engineRegistry", "ensureEngineDependencies", "findEngineRoot", "ijkToRasFromImage", "inspectModelFolder",
-    "missingPipDependencies", "parseProgressLine", "parseProgressLogLine", "progressLogLine", "pythonExecutable",
-    "readTrainingHistory", "readableEngineError", "runSeconds", "runSelfTests", "segmentationToLabelImage",
-    "showIn3D", "showMap",
-    "structureCode", "tagStructures", "torchIsInstalled", "updateVolumeNodeFromImage", "volumeNodeToImage",
-    "waitForRun", "writeReference", "writeVolume",
+    "MapStyle", "ModelFolderState", "PreparedRun", "ProgressEvent", "SegmentationRun", "StructureCode",
+    "TrainingCurves", "TrainingLogic", "TrainingResult", "TrainingRun", "TrainingSettings", "TrainingSize",
+    "engineEnvironment", "engineRegistry", "ensureEngineDependencies", "findEngineRoot", "ijkToRasFromImage",
+    "inspectModelFolder", "missingPipDependencies", "parseProgressLine", "parseProgressLogLine", "progressLogLine",
+    "pythonExecutable", "readTrainingHistory", "readableEngineError", "runSeconds", "runSelfTests",
+    "segmentationToLabelImage", "showIn3D", "showMap", "structureCode", "tagStructures", "torchIsInstalled",
+    "updateVolumeNodeFromImage", "volumeNodeToImage", "waitForRun", "writeReference", "writeVolume",
 ]

@@ -21,7 +21,7 @@ import SimpleITK as sitk
 import vtk
 
 from .engine import EngineError
-from .geometry import numpyToVtkMatrix, updateVolumeNodeFromImage, vtkMatrixToNumpy
+from .geometry import numpyToVtkMatrix, updateVolumeNodeFromImage, vtkMatrixToNumpy, worldIjkToRas
 
 # Distinct, colour-blind-friendly segment colours (Okabe-Ito, then Tableau) for labels read from disk.
 PALETTE = ((0.902, 0.624, 0.0), (0.337, 0.706, 0.914), (0.0, 0.620, 0.451), (0.941, 0.894, 0.259),
@@ -340,6 +340,53 @@ def metricsTable(scene, metrics: dict, name: str):
             column.InsertNextValue(float("nan") if value is None else float(value))
         table.AddColumn(column)
     return table
+
+
+# ---------------------------------------------------------------------------------------------- one run's outputs
+
+@dataclass
+class RunOutputs:
+    """An engine run's output folder on its way into the scene: the record (``run.json``: ``run``, ``labels``,
+    ``files``), the target and its exact grid, the run's title, its subject-hierarchy folder and colour table."""
+
+    scene: object
+    outputDir: Path
+    run: dict
+    labels: dict[int, str]
+    files: dict[str, Path]
+    target: object
+    grid: np.ndarray
+    title: str
+    folder: int
+    colorTable: object
+
+    def loadMap(self, key: str, name: str, kind: str, folder: int):
+        """The map file ``key`` as a map node "<title> <name>" in ``folder`` (None where the engine wrote none)."""
+        if key not in self.files:
+            return None
+        node = mapNode(self.scene, self.files[key], f"{self.title} {name}", kind, self.target, self.grid)
+        placeInFolder(self.scene, node, folder)
+        return node
+
+    def loadMetrics(self, result) -> None:
+        """With a reference the engine wrote ``metrics.json``: ``result.metrics`` and its table in the folder."""
+        if (self.outputDir / "metrics.json").is_file():
+            result.metrics = json.loads((self.outputDir / "metrics.json").read_text())
+            result.metricsTable = metricsTable(self.scene, result.metrics, f"{self.title} metrics")
+            placeInFolder(self.scene, result.metricsTable, self.folder)
+
+
+def openRunOutputs(scene, outputDir: str | Path, target, title: str,
+                   colors: dict[int, tuple[float, float, float]] | None = None) -> RunOutputs:
+    """Read a run's record and make its folder (a new subject-hierarchy folder ``title``) and its colour table
+    there (``colors`` by label value; the palette's for the others)."""
+    outputDir = Path(outputDir)
+    run, labels, files = readRunRecord(outputDir)
+    grid = worldIjkToRas(target)
+    folder = createFolder(scene, title)
+    colorTable = newColorTable(scene, f"{title} labels", labels, colors or paletteColors(labels))
+    placeInFolder(scene, colorTable, folder)
+    return RunOutputs(scene, outputDir, run, labels, files, target, grid, title, folder, colorTable)
 
 
 # ---------------------------------------------------------------------------------------------- display

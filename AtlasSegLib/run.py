@@ -109,6 +109,16 @@ class EngineRun:
             self._cleanUp()
 
 
+class SegmentationRun(EngineRun):
+    """One run of a module's segmentation in the background: poll for progress, cancel, then ``finish()`` loads the
+    outputs with the logic's ``loadResults(outputDir, inputs, settings, colors)``."""
+
+    def __init__(self, logic, inputs, settings, prepared: PreparedRun, process, ownsWorkDir: bool):
+        super().__init__(prepared, process, ownsWorkDir, lambda: logic.loadResults(
+            prepared.outputDir, inputs, settings, prepared.colors))
+        self.logic, self.inputs, self.settings = logic, inputs, settings
+
+
 def _removeIfCancelled(process, work: Path | None) -> Callable[[], None] | None:
     if work is None:
         return None
@@ -131,15 +141,19 @@ def _report(events: list[ProgressEvent], onProgress: ProgressCallback | None) ->
 
 
 class EngineLogic:
-    """What every module's Qt-free logic shares: the scene, the engine interpreter and process, map display.
+    """What every module's Qt-free logic shares: the scene, the engine interpreter and process, starting a run of
+    the module's ``prepareRun`` (``startRun``, ``runBlocking``), map display.
 
     ``processFactory(command, env)`` starts the engine and returns an object with ``progressEvents()``,
     ``newLogLines()``, ``returnCode()``, ``cancel()``, ``requestCancel()``, ``isCancelling()``, ``stderrLines``
     and ``cancelled`` (default: :class:`EngineProcess`);
-    ``python`` is the interpreter that runs the engine (default: PythonSlicer inside Slicer).
+    ``python`` is the interpreter that runs the engine (default: PythonSlicer inside Slicer). ``scene`` may be
+    given later: Slicer's ScriptedLoadableModuleLogic calls the next ``__init__`` without arguments.
     """
 
-    def __init__(self, scene, python: str | None = None, processFactory: ProcessFactory | None = None):
+    runClass: type[SegmentationRun] = SegmentationRun   # what startRun returns (a module's own subclass)
+
+    def __init__(self, scene=None, python: str | None = None, processFactory: ProcessFactory | None = None):
         self.scene = scene
         self.python = python or pythonExecutable()
         self.processFactory = processFactory or (lambda command, env: EngineProcess(command, env))
@@ -163,6 +177,18 @@ class EngineLogic:
         self._started = [entry for entry in self._started if entry[0].returnCode() is None]
         self._started.append((process, work if ownsWorkDir else None))
         return prepared, process, ownsWorkDir
+
+    def startRun(self, inputs, settings, workDir: str | Path | None = None) -> SegmentationRun:
+        """Write the inputs (the module's ``prepareRun(inputs, settings, workDir)``) and start the engine in the
+        background; poll the returned run (the module's ``runClass``)."""
+        prepared, process, ownsWorkDir = self.startPrepared(lambda work: self.prepareRun(inputs, settings, work),
+                                                            workDir)
+        return self.runClass(self, inputs, settings, prepared, process, ownsWorkDir)
+
+    def runBlocking(self, inputs, settings, onProgress: ProgressCallback | None = None,
+                    workDir: str | Path | None = None, pollSeconds: float = 0.1):
+        """Run and wait (Python console, tests): same work as the GUI's background run."""
+        return waitForRun(self.startRun(inputs, settings, workDir), onProgress, pollSeconds)
 
     def activeProcesses(self) -> list:
         """Engine processes this logic started that have not ended yet."""

@@ -17,67 +17,59 @@ import math
 import pathlib
 from collections.abc import Callable
 
-import qt
 import slicer
 
-from .engine import DEVICES, EngineCancelled, EngineError
+from .engine import DEVICES
+from .enginepanel import (
+    DEVICE_LABELS,
+    RESUME_NOTE,
+    EngineSection,
+    connectComboToParameter,
+    fillCombo,
+    pathText,
+    selectComboData,
+)
 from .training import DEFAULT_SIZE, DICE, EPOCH, LOSS, TRAINING_SIZES, TrainingSettings, panelPlotViewNode
 
-POLL_MILLISECONDS = 500
-DEVICE_LABELS = {"auto": "Auto (GPU when available)", "cpu": "CPU", "gpu": "GPU (CUDA)"}
 PLOT_HEIGHT = 220
 TRAINING_NOTE = "Training into this folder: the model there is updated after every epoch."
 
 
-def _pathText(path) -> str:
-    text = str(path or "")
-    return "" if text in ("", ".") else text
-
-
-class TrainingSection:
+class TrainingSection(EngineSection):
     """Drives the Train section of a panel. ``ui``: the panel's widget variables; ``logic``: the module logic
     (a TrainingLogic with ``ensureEngineDependencies``); ``onTrained(result)``: select the trained model for
     Apply; ``logWidget``: a QPlainTextEdit for the engine's output (None: the Python console only)."""
 
+    work = "training"
+    failedStatus = "Training failed."
+    logName = "training"
+    pollMilliseconds = 500
+
     def __init__(self, ui, logic, moduleTitle: str, onTrained: Callable[[object], None],
                  deviceLabels: dict[str, str] | None = None, logWidget=None):
-        self.ui, self.logic, self.moduleTitle, self.onTrained = ui, logic, moduleTitle, onTrained
-        self.logWidget = logWidget
+        super().__init__(ui, logic, moduleTitle, ui.trainButton, "Train", ui.trainingProgressBar,
+                         ui.trainingStatusLabel, logWidget)
+        self.onTrained = onTrained
         self.parameterNode = None
-        self._run = None
         self._curves = None          # the nodes of the last run: a resume of the same folder continues them
         self._curvesFolder = None    # ... and its model folder
         self._lastFolder = None      # the model folder last shown (its recorded settings are filled in once)
         self._plotView = None
         self._plotViewNode = None
-        self._timer = qt.QTimer()
-        self._timer.setInterval(POLL_MILLISECONDS)
-        self._timer.connect("timeout()", self.onPoll)
 
         labels = deviceLabels or DEVICE_LABELS
-        self._fill(self.ui.trainingMethodComboBox, self.logic.trainingMethods())
+        fillCombo(self.ui.trainingMethodComboBox, self.logic.trainingMethods())
         self.ui.trainingMethodComboBox.enabled = self.ui.trainingMethodComboBox.count > 1
-        self._fill(self.ui.trainingSizeComboBox, {name: size.label for name, size in TRAINING_SIZES.items()})
-        self._fill(self.ui.trainingDeviceComboBox, {d: labels.get(d, d) for d in DEVICES})
+        fillCombo(self.ui.trainingSizeComboBox, {name: size.label for name, size in TRAINING_SIZES.items()})
+        fillCombo(self.ui.trainingDeviceComboBox, {d: labels.get(d, d) for d in DEVICES})
         for combo, name in ((self.ui.trainingMethodComboBox, "trainingMethod"),
                             (self.ui.trainingSizeComboBox, "trainingSize"),
                             (self.ui.trainingDeviceComboBox, "trainingDevice")):
-            combo.connect("currentIndexChanged(int)", lambda _index, c=combo, n=name: self._comboChanged(c, n))
+            connectComboToParameter(combo, lambda: self.parameterNode, name)
         self.ui.trainButton.connect("clicked(bool)", lambda _checked=False: self.onTrain(resume=False))
         self.ui.resumeButton.connect("clicked(bool)", lambda _checked=False: self.onTrain(resume=True))
         self.ui.trainingPlotLayoutButton.connect("clicked(bool)", lambda _checked=False: self.showPlotInLayout())
         self.ui.trainingPlotLayoutButton.enabled = False
-        self.ui.trainingProgressBar.hide()
-
-    @staticmethod
-    def _fill(combo, items: dict) -> None:
-        combo.clear()
-        for value, text in items.items():
-            combo.addItem(text, value)
-
-    def _comboChanged(self, combo, parameterName: str) -> None:
-        if self.parameterNode is not None:
-            setattr(self.parameterNode, parameterName, combo.currentData)
 
     # ------------------------------------------------------------------ parameter node -> widgets
     def setParameterNode(self, parameterNode) -> None:
@@ -87,7 +79,7 @@ class TrainingSection:
         p = self.parameterNode
         methods = self.logic.trainingMethods()
         method = p.trainingMethod if p.trainingMethod in methods else next(iter(methods), "")
-        return TrainingSettings(_pathText(p.trainingAtlasFolder), _pathText(p.trainingModelFolder), method,
+        return TrainingSettings(pathText(p.trainingAtlasFolder), pathText(p.trainingModelFolder), method,
                                 p.trainingSize or DEFAULT_SIZE, p.trainingEpochs, p.trainingDevice, resume)
 
     def update(self) -> None:
@@ -100,20 +92,18 @@ class TrainingSection:
         for combo, value in ((self.ui.trainingMethodComboBox, settings.method),
                              (self.ui.trainingSizeComboBox, settings.size),
                              (self.ui.trainingDeviceComboBox, settings.device)):
-            wasBlocked = combo.blockSignals(True)
-            combo.setCurrentIndex(max(combo.findData(value), 0))
-            combo.blockSignals(wasBlocked)
+            selectComboData(combo, value)
         size = TRAINING_SIZES.get(settings.size)
         self.ui.trainingSizeNoteLabel.text = size.noteFor(settings.method) if size else ""
         self.ui.trainingFolderNoteLabel.text = TRAINING_NOTE if self._run is not None else \
             self.logic.describeModelFolder(settings)
-        self._updateButtons()
+        self.updateButtons()
 
     def _fillFromRecord(self) -> None:
         """A model folder chosen anew that holds a run the panel started: show the settings it was started with
         (a resume needs the same ones)."""
         p = self.parameterNode
-        folder = _pathText(p.trainingModelFolder)
+        folder = pathText(p.trainingModelFolder)
         if folder == self._lastFolder:
             return
         self._lastFolder = folder
@@ -131,7 +121,7 @@ class TrainingSection:
             if record.get("atlasFolder") and pathlib.Path(record["atlasFolder"]).is_dir():
                 p.trainingAtlasFolder = pathlib.Path(record["atlasFolder"])
 
-    def _updateButtons(self) -> None:
+    def updateButtons(self) -> None:
         if self._run is not None:
             cancelling = self._run.isCancelling()
             self.ui.trainButton.text = "Cancelling..." if cancelling else "Cancel training"
@@ -149,75 +139,23 @@ class TrainingSection:
             "Continue the training in the model folder from its last finished epoch"
 
     # ------------------------------------------------------------------ run
-    def isRunning(self) -> bool:
-        return self._run is not None
-
     def onTrain(self, resume: bool) -> None:
-        if self._run is not None:   # Cancel: returns at once; the timer sees the engine end
-            self._run.requestCancel()
-            self.ui.trainingStatusLabel.text = "Cancelling..."
-            self._updateButtons()
+        if not self.startOrCancel(lambda: self._startTraining(resume), "training with",
+                                  "Resuming the training..." if resume else "Starting the training..."):
             return
-        if not self.logic.ensureEngineDependencies():
-            return
+        self._curves, self._curvesFolder = self._run.curves, pathlib.Path(self._run.settings.modelFolder).resolve()
+        self.showPlot(self._run.curves.chart)
+        self.ui.trainingFolderNoteLabel.text = TRAINING_NOTE
+        self.poll()
+
+    def _startTraining(self, resume: bool):
+        """A resume of the folder the last run trained continues that run's table and chart."""
         settings = self.settings(resume)
         sameFolder = self._curvesFolder is not None and \
             pathlib.Path(settings.modelFolder).resolve() == self._curvesFolder
-        try:
-            self._run = self.logic.startTraining(settings, self._curves if resume and sameFolder else None)
-        except EngineError as error:
-            slicer.util.errorDisplay(f"Cannot start the training: {error}")
-            return
-        self._curves, self._curvesFolder = self._run.curves, pathlib.Path(settings.modelFolder).resolve()
-        command = " ".join(self._run.prepared.command)
-        logging.info("%s: training with %s", self.moduleTitle, command)
-        self._log([f"$ {command}"], clear=True)
-        self.ui.trainingProgressBar.setValue(0)
-        self.ui.trainingProgressBar.show()
-        self.ui.trainingStatusLabel.text = "Resuming the training..." if resume else "Starting the training..."
-        self.showPlot(self._run.curves.chart)
-        self.ui.trainingFolderNoteLabel.text = TRAINING_NOTE
-        self._updateButtons()
-        self._timer.start()
+        return self.logic.startTraining(settings, self._curves if resume and sameFolder else None)
 
-    def onPoll(self) -> None:
-        run = self._run
-        if run is None:
-            self._timer.stop()
-            return
-        run.poll()
-        self._log(run.newLogLines())
-        self.ui.trainingProgressBar.setValue(int(round(1000 * run.lastProgress.fraction)))
-        if not run.isCancelling():
-            self.ui.trainingStatusLabel.text = self._statusText(run)
-        if run.isRunning():
-            self._updateButtons()
-            return
-        self._log(run.newLogLines())
-        self._timer.stop()
-        self._run = None
-        try:
-            result = run.finish()
-        except EngineCancelled:
-            done = len(run.curves.rows)
-            self.ui.trainingStatusLabel.text = (f"Cancelled after {done} epoch{'s' if done != 1 else ''}: Resume "
-                                                "continues from the last finished epoch.")
-        except EngineError as error:
-            logging.error("%s training log:\n%s", self.moduleTitle, run.log)
-            self.ui.trainingStatusLabel.text = "Training failed."
-            slicer.util.errorDisplay(f"Training failed: {error}")
-        else:
-            dice = "" if math.isnan(result.bestValidationDice) else \
-                f", best validation Dice {result.bestValidationDice:.3f}"
-            self.ui.trainingStatusLabel.text = (f"Trained: {result.epochs} epochs{dice}. The model in "
-                                                f"{result.modelFolder} is selected for Apply.")
-            self.onTrained(result)
-        finally:
-            self.ui.trainingProgressBar.hide()
-            self.update()
-
-    @staticmethod
-    def _statusText(run) -> str:
+    def statusText(self, run) -> str:
         text = run.lastProgress.message
         if run.curves.rows:
             row = run.curves.rows[-1]
@@ -225,23 +163,19 @@ class TrainingSection:
             text += f" (last epoch {row[EPOCH]:.0f}: loss {row[LOSS]:.3f}{dice})"
         return text
 
-    def _log(self, lines, clear: bool = False) -> None:
-        if self.logWidget is None:
-            return
-        if clear:
-            self.logWidget.clear()
-        if lines:
-            self.logWidget.appendPlainText("\n".join(lines))
+    def cancelledText(self, run) -> str:
+        done = len(run.curves.rows)
+        return f"Cancelled after {done} epoch{'s' if done != 1 else ''}: {RESUME_NOTE}"
 
-    def forget(self, message: str) -> None:
-        """Stop polling a training that was cancelled from elsewhere (scene or module closed)."""
-        self._timer.stop()
-        if self._run is None:
-            return
-        self._run = None
-        self.ui.trainingProgressBar.hide()
-        self.ui.trainingStatusLabel.text = message
-        self.ui.trainButton.text = "Train"
+    def showResult(self, result, run) -> None:
+        dice = "" if math.isnan(result.bestValidationDice) else \
+            f", best validation Dice {result.bestValidationDice:.3f}"
+        self.ui.trainingStatusLabel.text = (f"Trained: {result.epochs} epochs{dice}. The model in "
+                                            f"{result.modelFolder} is selected for Apply.")
+        self.onTrained(result)
+
+    def afterRun(self) -> None:
+        self.update()
 
     # ------------------------------------------------------------------ plot
     def showPlot(self, chart) -> None:

@@ -3,11 +3,12 @@
 The module is thin: the widget edits a parameter node, and the logic (DeepLabelFusionLib, Qt-free) writes the
 inputs, runs the headless engine ``atlasseg`` in a background PythonSlicer process and loads its outputs. The
 *Train a model* section (AtlasSegLib.trainingpanel) trains a Deep Label Fusion model the same way and selects it
-for Apply.
+for Apply. What every AtlasSeg panel does (Apply, progress, cancel, status, engine log, result maps: AtlasSegLib.
+runpanel; the parameter node and closing: AtlasSegLib.modulebase) is shared; this file holds the module's own
+widgets and words.
 """
 
 import importlib.util
-import logging
 import pathlib
 import sys
 from typing import Annotated
@@ -17,13 +18,6 @@ import slicer
 import vtk
 from slicer import vtkMRMLScalarVolumeNode, vtkMRMLSegmentationNode
 from slicer.parameterNodeWrapper import WithinRange, parameterNodeWrapper
-from slicer.ScriptedLoadableModule import (
-    ScriptedLoadableModule,
-    ScriptedLoadableModuleLogic,
-    ScriptedLoadableModuleTest,
-    ScriptedLoadableModuleWidget,
-)
-from slicer.util import VTKObservationMixin
 
 if importlib.util.find_spec("AtlasSegLib") is None:  # source checkout: the shared library is one folder up
     sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
@@ -31,13 +25,9 @@ from DeepLabelFusionLib import (  # noqa: E402
     BACKENDS,
     DEFAULT_BACKEND,
     DEFAULT_PRESET,
-    DEVICES,
     JLF_DEFAULTS,
-    MAP_KIND_ATTRIBUTE,
     METHODS,
     PRESETS,
-    EngineCancelled,
-    EngineError,
     FusionInputs,
     FusionLogic,
     FusionSettings,
@@ -45,18 +35,16 @@ from DeepLabelFusionLib import (  # noqa: E402
     readAtlasFolderModalities,
 )
 
-from AtlasSegLib import (  # noqa: E402
-    DEFAULT_SIZE,
-    ensureEngineDependencies,
-    findEngineRoot,
-    missingPipDependencies,
-    runSeconds,
-    runSelfTests,
-    torchIsInstalled,
+from AtlasSegLib import findEngineRoot, missingPipDependencies, torchIsInstalled  # noqa: E402
+from AtlasSegLib.enginepanel import connectComboToParameter, fillCombo, pathText, selectComboData  # noqa: E402
+from AtlasSegLib.modulebase import (  # noqa: E402
+    AtlasSegLogic,
+    AtlasSegModule,
+    AtlasSegTest,
+    AtlasSegWidget,
+    TrainingParameters,
 )
-from AtlasSegLib.trainingpanel import TrainingSection  # noqa: E402
 
-POLL_MILLISECONDS = 200
 # what the panel's choices are called on screen (the engine's names are the combo boxes' data)
 BACKEND_LABELS = {"torch": "Built-in (PyTorch; GPU when present)", "greedy": "Greedy (PICSL; CPU)"}
 PRESET_LABELS = {"fast": "Fast (preview)", "default": "Default", "accurate": "Accurate (slower)",
@@ -64,26 +52,21 @@ PRESET_LABELS = {"fast": "Fast (preview)", "default": "Default", "accurate": "Ac
 DEVICE_LABELS = {"auto": "Auto (GPU when available)", "cpu": "CPU", "gpu": "GPU (CUDA)"}
 
 
-class DeepLabelFusion(ScriptedLoadableModule):
-    def __init__(self, parent):
-        ScriptedLoadableModule.__init__(self, parent)
-        self.parent.title = "Deep Label Fusion"
-        self.parent.categories = ["Segmentation"]
-        self.parent.dependencies = []
-        self.parent.contributors = ["AtlasSeg developers"]
-        self.parent.helpText = (
-            "Segment a target volume with a set of atlases: every atlas is registered to the target and the "
-            "warped atlas labels are fused by majority voting, local weighted voting, joint label fusion, STAPLE "
-            "or Deep Label Fusion. Results (segmentation, vote and agreement maps, on request weight maps per "
-            "atlas, and with a reference the oracle coverage map and Dice / HD95 table) appear in one "
-            "subject-hierarchy folder per run; the segmentation can instead overwrite an existing one. "
-            "See the <a href='https://github.com/atlasseg/SlicerAtlasSeg'>documentation</a>.")
-        self.parent.acknowledgementText = (
-            "Joint label fusion after Wang & Yushkevich (2013); Deep Label Fusion after Xie et al. (MedIA 2023).")
+class DeepLabelFusion(AtlasSegModule):
+    moduleTitle = "Deep Label Fusion"
+    moduleHelpText = (
+        "Segment a target volume with a set of atlases: every atlas is registered to the target and the "
+        "warped atlas labels are fused by majority voting, local weighted voting, joint label fusion, STAPLE "
+        "or Deep Label Fusion. Results (segmentation, vote and agreement maps, on request weight maps per "
+        "atlas, and with a reference the oracle coverage map and Dice / HD95 table) appear in one "
+        "subject-hierarchy folder per run; the segmentation can instead overwrite an existing one. "
+        "See the <a href='https://github.com/atlasseg/SlicerAtlasSeg'>documentation</a>.")
+    moduleAcknowledgementText = (
+        "Joint label fusion after Wang & Yushkevich (2013); Deep Label Fusion after Xie et al. (MedIA 2023).")
 
 
 @parameterNodeWrapper
-class DeepLabelFusionParameterNode:
+class DeepLabelFusionParameterNode(TrainingParameters):
     """Everything the panel edits; saved with the scene."""
 
     targetVolume: vtkMRMLScalarVolumeNode
@@ -108,130 +91,38 @@ class DeepLabelFusionParameterNode:
     jlfPatchRadius: Annotated[int, WithinRange(0, 10)] = JLF_DEFAULTS["patch_radius"]
     jlfSearchRadius: Annotated[int, WithinRange(0, 10)] = JLF_DEFAULTS["search_radius"]
     seed: int = 0
-    # the Train a model section
-    trainingAtlasFolder: pathlib.Path
-    trainingMethod: str = "dlf"
-    trainingSize: str = DEFAULT_SIZE
-    trainingEpochs: Annotated[int, WithinRange(1, 100000)] = 20
-    trainingDevice: str = "auto"
-    trainingModelFolder: pathlib.Path
 
 
-def _pathText(path) -> str:
-    text = str(path or "")
-    return "" if text in ("", ".") else text
-
-
-class DeepLabelFusionWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
-    def __init__(self, parent=None) -> None:
-        ScriptedLoadableModuleWidget.__init__(self, parent)
-        VTKObservationMixin.__init__(self)
-        self.logic = None
-        self._parameterNode = None
-        self._parameterNodeGuiTag = None
-        self._run = None
-        self.training = None            # the Train a model section
-        self._lastSegmentation = None   # the last run's segmentation, for "Show in 3D" after the run
-        self._modalityCount = None      # modalities of the chosen atlas set (None: not known)
-        self._timer = qt.QTimer()
-        self._timer.setInterval(POLL_MILLISECONDS)
-        self._timer.connect("timeout()", self.onPollRun)
+class DeepLabelFusionWidget(AtlasSegWidget):
+    applyToolTip = "Register the atlases to the target and fuse their labels"
+    counted = "atlases"
+    deviceLabels = DEVICE_LABELS
 
     # ------------------------------------------------------------------ setup
-    def setup(self) -> None:
-        ScriptedLoadableModuleWidget.setup(self)
-        uiWidget = slicer.util.loadUI(self.resourcePath("UI/DeepLabelFusion.ui"))
-        self.layout.addWidget(uiWidget)
-        self.ui = slicer.util.childWidgetVariables(uiWidget)
-        uiWidget.setMRMLScene(slicer.mrmlScene)
-        self.logic = DeepLabelFusionLogic()
-
-        self._fillCombo(self.ui.methodComboBox, METHODS)
-        self._fillCombo(self.ui.backendComboBox, {b: BACKEND_LABELS.get(b, b) for b in BACKENDS})
-        self._fillCombo(self.ui.presetComboBox, {p: PRESET_LABELS.get(p, p.capitalize()) for p in PRESETS})
-        self._fillCombo(self.ui.deviceComboBox, {d: DEVICE_LABELS.get(d, d) for d in DEVICES})
+    def setupPanel(self) -> None:
+        fillCombo(self.ui.methodComboBox, METHODS)
+        fillCombo(self.ui.backendComboBox, {b: BACKEND_LABELS.get(b, b) for b in BACKENDS})
+        fillCombo(self.ui.presetComboBox, {p: PRESET_LABELS.get(p, p.capitalize()) for p in PRESETS})
         for combo, name in ((self.ui.methodComboBox, "method"), (self.ui.backendComboBox, "backend"),
-                            (self.ui.presetComboBox, "preset"), (self.ui.deviceComboBox, "device")):
-            combo.connect("currentIndexChanged(int)", lambda _index, c=combo, n=name: self._comboChanged(c, n))
+                            (self.ui.presetComboBox, "preset")):
+            connectComboToParameter(combo, lambda: self._parameterNode, name)
         self.ui.atlasFolderRadioButton.connect("toggled(bool)", self.onAtlasSourceChanged)
         self.ui.addAtlasPairButton.connect("clicked()", self.onAddAtlasPair)
         self.ui.removeAtlasPairButton.connect("clicked()", self.onRemoveAtlasPair)
         self.ui.atlasSegmentationSelector.connect("currentNodeChanged(vtkMRMLNode*)", self.onAtlasSegmentationPicked)
-        self.ui.applyButton.connect("clicked(bool)", self.onApplyButton)
-        self.ui.mapSelector.addAttribute("vtkMRMLScalarVolumeNode", MAP_KIND_ATTRIBUTE)
-        self.ui.mapSelector.connect("currentNodeChanged(vtkMRMLNode*)", self.onMapSelected)
-        self.ui.mapOpacitySlider.connect("valueChanged(double)", self.onMapOpacityChanged)
         self.ui.show3DCheckBox.connect("toggled(bool)", self.onShow3DToggled)
-        self.ui.progressBar.hide()
-        self.training = TrainingSection(self.ui, self.logic, "DeepLabelFusion", self.onModelTrained, DEVICE_LABELS,
-                                        self.ui.logTextEdit)
-
-        self.addObserver(slicer.mrmlScene, slicer.mrmlScene.StartCloseEvent, self.onSceneStartClose)
-        self.addObserver(slicer.mrmlScene, slicer.mrmlScene.EndCloseEvent, self.onSceneEndClose)
-        self.initializeParameterNode()
-
-    @staticmethod
-    def _fillCombo(combo, items: dict) -> None:
-        combo.clear()
-        for value, text in items.items():
-            combo.addItem(text, value)
-
-    def cleanup(self) -> None:
-        """The module is closed (or reloaded): cancel the run without waiting for it and stop polling."""
-        if self.logic is not None:
-            self.logic.cancelActiveRuns()   # the segmentation and the training
-        self._forgetRun("Cancelled: the module was closed.")
-        if self.training is not None:
-            self.training.forget("Cancelled: the module was closed; Resume continues from the last finished epoch.")
-        self.removeObservers()
-
-    def enter(self) -> None:
-        self.initializeParameterNode()
-
-    def exit(self) -> None:
-        if self._parameterNode:
-            self._parameterNode.disconnectGui(self._parameterNodeGuiTag)
-            self._parameterNodeGuiTag = None
-            self.removeObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self.updateGUIFromParameterNode)
+        self._lastSegmentation = None   # the last run's segmentation, for "Show in 3D" after the run
+        self._modalityCount = None      # modalities of the chosen atlas set (None: not known)
 
     def onSceneStartClose(self, caller, event) -> None:
-        """The scene closes: its nodes go, so a running segmentation is cancelled (without waiting for it)."""
-        self.logic.onSceneStartClose()
-        self._forgetRun("Cancelled: the scene was closed.")
-        self.training.forget("Cancelled: the scene was closed; Resume continues from the last finished epoch.")
         self._lastSegmentation = None
-        self.setParameterNode(None)
-
-    def onSceneEndClose(self, caller, event) -> None:
-        if self.parent.isEntered:
-            self.initializeParameterNode()
-
-    def initializeParameterNode(self) -> None:
-        self.setParameterNode(self.logic.getParameterNode())
-        if not self._parameterNode.targetVolume:
-            self._parameterNode.targetVolume = slicer.mrmlScene.GetFirstNodeByClass("vtkMRMLScalarVolumeNode")
-
-    def setParameterNode(self, parameterNode) -> None:
-        if self._parameterNode:
-            self._parameterNode.disconnectGui(self._parameterNodeGuiTag)
-            self.removeObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self.updateGUIFromParameterNode)
-        self._parameterNode = parameterNode
-        self.training.setParameterNode(parameterNode)
-        if self._parameterNode:
-            self._parameterNodeGuiTag = self._parameterNode.connectGui(self.ui)
-            self.addObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self.updateGUIFromParameterNode)
-            self.updateGUIFromParameterNode()
+        super().onSceneStartClose(caller, event)
 
     # ------------------------------------------------------------------ parameter node <-> widgets not bound by name
-    def updateGUIFromParameterNode(self, caller=None, event=None) -> None:
-        p = self._parameterNode
-        if p is None:
-            return
+    def updatePanel(self, p) -> None:
         for combo, value in ((self.ui.methodComboBox, p.method), (self.ui.backendComboBox, p.backend),
-                             (self.ui.presetComboBox, p.preset), (self.ui.deviceComboBox, p.device)):
-            wasBlocked = combo.blockSignals(True)
-            combo.setCurrentIndex(max(combo.findData(value), 0))
-            combo.blockSignals(wasBlocked)
+                             (self.ui.presetComboBox, p.preset)):
+            selectComboData(combo, value)
         self.ui.atlasFolderRadioButton.blockSignals(True)
         self.ui.atlasFolderRadioButton.checked = not p.atlasesFromScene
         self.ui.atlasSceneRadioButton.checked = p.atlasesFromScene
@@ -243,14 +134,12 @@ class DeepLabelFusionWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.jlfGroupBox.enabled = p.method == "jlf"
         self._updateModalityLabels()
         self._updateAtlasPairsTable()
-        self._updateApplyButton()
-        self.training.update()
 
     def _updateModalityLabels(self) -> None:
         """The target's label names its modality as the atlas set does; one selector per further modality of the
         set (all of them while the set is not known)."""
         p = self._parameterNode
-        modalities = [] if p.atlasesFromScene else readAtlasFolderModalities(_pathText(p.atlasFolder))
+        modalities = [] if p.atlasesFromScene else readAtlasFolderModalities(pathText(p.atlasFolder))
         self._modalityCount = 1 if p.atlasesFromScene else (len(modalities) or None)
         self.ui.targetVolumeLabel.text = (f"Target volume (modality 1: {modalities[0]}):" if modalities
                                           else "Target volume (modality 1):")
@@ -259,10 +148,6 @@ class DeepLabelFusionWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                                               start=1):
             label.visible = selector.visible = self._modalityCount is None or k < self._modalityCount
             label.text = f"Modality {k + 1} ({modalities[k]}):" if k < len(modalities) else f"Modality {k + 1}:"
-
-    def _comboChanged(self, combo, parameterName: str) -> None:
-        if self._parameterNode is not None:
-            setattr(self._parameterNode, parameterName, combo.currentData)
 
     def onAtlasSourceChanged(self, folderChecked: bool) -> None:
         if self._parameterNode is not None:
@@ -303,114 +188,25 @@ class DeepLabelFusionWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                 table.setItem(row, column, qt.QTableWidgetItem(node.GetName() if node else "(deleted)"))
 
     # ------------------------------------------------------------------ inputs and settings
-    def _inputs(self) -> FusionInputs:
+    def inputs(self) -> FusionInputs:
         p = self._parameterNode
         extra = [n for n in (p.extraModality1, p.extraModality2) if n is not None]
         if self._modalityCount is not None:   # selectors hidden for this atlas set are ignored
             extra = [n for n in (p.extraModality1, p.extraModality2)[:self._modalityCount - 1] if n is not None]
         pairs = list(zip(p.atlasImages, p.atlasSegmentations)) if p.atlasesFromScene else []
-        return FusionInputs(p.targetVolume, extra, "" if p.atlasesFromScene else _pathText(p.atlasFolder), pairs,
+        return FusionInputs(p.targetVolume, extra, "" if p.atlasesFromScene else pathText(p.atlasFolder), pairs,
                             p.referenceSegmentation, p.outputSegmentation)
 
-    def _settings(self) -> FusionSettings:
+    def settings(self) -> FusionSettings:
         p = self._parameterNode
-        return FusionSettings(p.method, p.nAtlases, p.backend, p.preset, p.device, _pathText(p.modelFolder),
+        return FusionSettings(p.method, p.nAtlases, p.backend, p.preset, p.device, pathText(p.modelFolder),
                               p.jlfAlpha, p.jlfBeta, p.jlfPatchRadius, p.jlfSearchRadius, p.seed,
                               weightMaps=p.weightMaps, show3D=p.show3D)
 
-    def _updateApplyButton(self) -> None:
-        if self._run is not None:
-            cancelling = self._run.isCancelling()
-            self.ui.applyButton.text = "Cancelling..." if cancelling else "Cancel"
-            self.ui.applyButton.enabled = not cancelling
-            self.ui.applyButton.toolTip = "Stop the running segmentation"
-            return
-        problems = self.logic.inputProblems(self._inputs(), self._settings())
-        self.ui.applyButton.text = "Apply"
-        self.ui.applyButton.enabled = not problems
-        self.ui.applyButton.toolTip = " ".join(problems) or "Register the atlases to the target and fuse their labels"
-
-    # ------------------------------------------------------------------ run
-    def onApplyButton(self) -> None:
-        if self._run is not None:   # Cancel: returns at once; the timer sees the engine end (killed after a grace)
-            self._run.requestCancel()
-            self.ui.statusLabel.text = "Cancelling..."
-            self._updateApplyButton()
-            return
-        if not self.logic.ensureEngineDependencies():
-            return
-        try:
-            self._run = self.logic.startRun(self._inputs(), self._settings())
-        except EngineError as error:
-            slicer.util.errorDisplay(f"Cannot start the segmentation: {error}")
-            return
-        logging.info("DeepLabelFusion: running %s", " ".join(self._run.prepared.command))
-        self.ui.logTextEdit.clear()
-        self.ui.logTextEdit.appendPlainText("$ " + " ".join(self._run.prepared.command))
-        self.ui.progressBar.setValue(0)
-        self.ui.progressBar.show()
-        self.ui.statusLabel.text = "Starting the engine..."
-        self._updateApplyButton()
-        self._timer.start()
-
-    def onPollRun(self) -> None:
-        run = self._run
-        if run is None:
-            self._timer.stop()
-            return
-        run.poll()
-        self._appendLog(run.newLogLines())
-        self.ui.progressBar.setValue(int(round(1000 * run.lastProgress.fraction)))
-        if not run.isCancelling():
-            self.ui.statusLabel.text = run.lastProgress.message
-        if run.isRunning():
-            self._updateApplyButton()
-            return
-        self._appendLog(run.newLogLines())
-        self._timer.stop()
-        self._run = None
-        try:
-            with slicer.util.WaitCursor():
-                result = run.finish()
-        except EngineCancelled:
-            self.ui.statusLabel.text = "Cancelled."
-        except EngineError as error:
-            logging.error("DeepLabelFusion engine log:\n%s", run.log)
-            self.ui.statusLabel.text = "Failed."
-            self.ui.logCollapsibleButton.collapsed = False   # the engine's own words, next to the message
-            slicer.util.errorDisplay(f"Segmentation failed: {error}")
-        else:
-            self._showResult(result)
-        finally:
-            self.ui.progressBar.hide()
-            self._updateApplyButton()
-
-    def _appendLog(self, lines) -> None:
-        if lines:
-            self.ui.logTextEdit.appendPlainText("\n".join(lines))
-
-    def _forgetRun(self, message: str) -> None:
-        """Stop polling a run that was cancelled from elsewhere (scene or module closed)."""
-        self._timer.stop()
-        if self._run is None:
-            return
-        self._run = None
-        self.ui.progressBar.hide()
-        self.ui.statusLabel.text = message
-        self.ui.applyButton.text = "Apply"
-
-    def _showResult(self, result) -> None:
-        seconds = runSeconds(result.run)
-        summary = f"Done in {seconds:.0f} s with {len(result.run.get('atlases', []))} atlases."
-        if result.metrics:
-            summary += f" Mean Dice {result.metrics['mean']['dice']:.3f}."
-        self.ui.statusLabel.text = summary
+    # ------------------------------------------------------------------ results
+    def onResult(self, result) -> None:
+        """A run ended (the Apply part has shown its status, maps and metrics): its segmentation, for Show in 3D."""
         self._lastSegmentation = result.segmentation
-        slicer.util.setSliceViewerLayers(background=self._parameterNode.targetVolume)
-        if result.metricsTable is not None:
-            self.ui.metricsTableView.setMRMLTableNode(result.metricsTable)
-        if result.agreement is not None:
-            self.ui.mapSelector.setCurrentNode(result.agreement)
 
     def onModelTrained(self, result) -> None:
         """A training ended: its model is the one Apply uses (Deep Label Fusion), on its atlas set when none is
@@ -422,7 +218,7 @@ class DeepLabelFusionWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             p.modelFolder = pathlib.Path(result.modelFolder)
             if result.method in METHODS:
                 p.method = result.method
-            if not p.atlasesFromScene and not _pathText(p.atlasFolder):
+            if not p.atlasesFromScene and not pathText(p.atlasFolder):
                 p.atlasFolder = p.trainingAtlasFolder
         self.ui.settingsCollapsibleButton.collapsed = False
 
@@ -432,21 +228,8 @@ class DeepLabelFusionWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         if node is not None and slicer.mrmlScene.IsNodePresent(node):
             self.logic.showIn3D(node, show)
 
-    # ------------------------------------------------------------------ results
-    def onMapSelected(self, mapNode) -> None:
-        if mapNode is not None:
-            self.logic.showMap(mapNode)
-            wasBlocked = self.ui.mapOpacitySlider.blockSignals(True)
-            self.ui.mapOpacitySlider.value = self.logic.mapStyle(mapNode).opacity
-            self.ui.mapOpacitySlider.blockSignals(wasBlocked)
 
-    def onMapOpacityChanged(self, opacity: float) -> None:
-        mapNode = self.ui.mapSelector.currentNode()
-        if mapNode is not None:
-            self.logic.showMap(mapNode, opacity=opacity)
-
-
-class DeepLabelFusionLogic(ScriptedLoadableModuleLogic, FusionLogic):
+class DeepLabelFusionLogic(AtlasSegLogic, FusionLogic):
     """Slicer-side logic: the Qt-free FusionLogic on slicer.mrmlScene plus first-use dependency installs.
 
     Python console::
@@ -456,27 +239,14 @@ class DeepLabelFusionLogic(ScriptedLoadableModuleLogic, FusionLogic):
                                    FusionSettings(method="jlf", nAtlases=5))
     """
 
-    def __init__(self) -> None:
-        ScriptedLoadableModuleLogic.__init__(self)
-        FusionLogic.__init__(self, slicer.mrmlScene)
-
-    def getParameterNode(self) -> DeepLabelFusionParameterNode:
-        return DeepLabelFusionParameterNode(super().getParameterNode())
-
-    def ensureEngineDependencies(self, askConfirmation: bool = True) -> bool:
-        """Install what the engine needs on first use, after asking (see AtlasSegLib.dependencies)."""
-        return ensureEngineDependencies("Deep Label Fusion", askConfirmation)
+    parameterNodeClass = DeepLabelFusionParameterNode
+    engineTitle = "Deep Label Fusion"
 
 
-class DeepLabelFusionTest(ScriptedLoadableModuleTest):
+class DeepLabelFusionTest(AtlasSegTest):
     """Runs inside Slicer: geometry round trip and a phantom segmentation end to end through the logic."""
 
-    def setUp(self):
-        slicer.mrmlScene.Clear()
-
-    def runTest(self):
-        # Reload and Test calls runTest directly: a skip (engine packages not installed yet) stays a skip
-        runSelfTests(self, [self.test_GeometryRoundTrip, self.test_PhantomSegmentation], self.setUp)
+    selfTests = ("test_GeometryRoundTrip", "test_PhantomSegmentation")
 
     def test_GeometryRoundTrip(self):
         import numpy as np

@@ -62,7 +62,7 @@ def _write_set(root, cases, labels=None, modality=None):
     return root
 
 
-def _case(seed=0, shape=(6, 7, 8), values=(0, 1, 2)):
+def _case(seed=0, shape=(8, 9, 10), values=(0, 1, 2)):
     rng = np.random.default_rng(seed)
     image = sitk.GetImageFromArray(rng.random(shape).astype(np.float32))
     lab = np.zeros(shape, np.uint8)

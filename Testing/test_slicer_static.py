@@ -31,6 +31,10 @@ BOUND_PARAMETERS = {"DeepLabelFusion": {"targetVolume", "atlasFolder", "nAtlases
                     "AtlasNetSeg": {"targetVolume", "extraModality1", "modelFolder", "networkSegmentations",
                                     *TRAINING_BOUND}}
 TRAINING_PANEL = REPO / LIBRARY / "trainingpanel.py"   # the Train a model section's code, shared by the modules
+# the rest of the panels' shared code: the module classes' base (parameter node, device choice), the Apply part, and
+# what both sections that run the engine share (start, poll, cancel, log)
+SHARED_PANEL = [REPO / LIBRARY / name for name in ("modulebase.py", "runpanel.py", "enginepanel.py")]
+OPTIONAL_WIDGETS = {"logTextEdit", "logCollapsibleButton"}   # the engine log pane: DeepLabelFusion's panel only
 TRAINING_FIELDS = {"trainingAtlasFolder", "trainingMethod", "trainingSize", "trainingEpochs", "trainingDevice",
                    "trainingModelFolder"}
 
@@ -61,14 +65,36 @@ def ui_parameter_names(path: Path) -> set[str]:
     return names
 
 
+def annotated_fields(node: ast.ClassDef) -> set[str]:
+    return {s.target.id for s in node.body if isinstance(s, ast.AnnAssign)}
+
+
+def library_class(name: str) -> ast.ClassDef:
+    for path in (REPO / LIBRARY).glob("*.py"):
+        for node in ast.parse(path.read_text()).body:
+            if isinstance(node, ast.ClassDef) and node.name == name:
+                return node
+    raise AssertionError(f"{name} is not a class of {LIBRARY}")
+
+
 def parameter_node_fields(module_py: Path) -> set[str]:
-    """Annotated fields of the @parameterNodeWrapper class in a module file."""
+    """Annotated fields of the @parameterNodeWrapper class in a module file, with those it inherits from the shared
+    library's classes (Slicer's wrapper reads inherited annotations)."""
     tree = ast.parse(module_py.read_text())
     for node in ast.walk(tree):
         if isinstance(node, ast.ClassDef) and any(
                 getattr(d, "id", None) == "parameterNodeWrapper" for d in node.decorator_list):
-            return {s.target.id for s in node.body if isinstance(s, ast.AnnAssign)}
+            return annotated_fields(node).union(*(annotated_fields(library_class(base.id)) for base in node.bases))
     raise AssertionError(f"{module_py}: no @parameterNodeWrapper class")
+
+
+def shared_panel_code() -> str:
+    return "\n".join(path.read_text() for path in SHARED_PANEL)
+
+
+def widgets_used(code: str) -> set[str]:
+    """The panel widgets code uses: ``self.ui.name`` and ``ui.name``."""
+    return set(re.findall(r"\bui\.(\w+)", code))
 
 
 def ui_widgets(path: Path) -> dict[str, ET.Element]:
@@ -122,11 +148,20 @@ def test_every_module_python_file_compiles(module, tmp_path):
 
 @pytest.mark.parametrize("module", MODULES_WITH_GUI)
 def test_widget_names_used_in_code_exist_in_ui(module):
+    """The module's own code and the panels' shared code (AtlasSegLib: the module widget base, the Apply part) use
+    only widgets of the module's .ui; the optional engine log pane is there whole or not at all."""
     names = ui_object_names(ui_file(module))
-    used = set(re.findall(r"self\.ui\.(\w+)", (REPO / module / f"{module}.py").read_text()))
+    own = set(re.findall(r"self\.ui\.(\w+)", (REPO / module / f"{module}.py").read_text()))
+    shared = widgets_used(shared_panel_code())
+    assert {"applyButton", "progressBar", "statusLabel", "mapSelector", "deviceComboBox"} <= shared, shared
+    used = own | shared
     assert len(used) >= MIN_WIDGETS_USED[module], used
     missing = sorted(used - set(names))
-    assert not missing, f"{module}.py uses widgets missing from {module}.ui: {missing}"
+    assert not missing, f"{module}.py and {LIBRARY} use widgets missing from {module}.ui: {missing}"
+    optional = set(re.findall(r'getattr\((?:self\.)?ui, "(\w+)"', shared_panel_code()))
+    assert optional == OPTIONAL_WIDGETS
+    assert OPTIONAL_WIDGETS & set(names) in (set(), OPTIONAL_WIDGETS), f"{module}.ui has half a log pane"
+    assert (OPTIONAL_WIDGETS <= set(names)) == (module == "DeepLabelFusion")
 
 
 @pytest.mark.parametrize("module", MODULES_WITH_GUI)
@@ -170,6 +205,8 @@ def test_deep_label_fusion_panel_sections_and_widgets():
     assert not collapsed_section("methodNoteLabel")
     code = (REPO / "DeepLabelFusion" / "DeepLabelFusion.py").read_text()
     assert "self.ui.methodNoteLabel.text = methodDescription(p.method)" in code
+    assert "class DeepLabelFusionWidget(AtlasSegWidget)" in code   # the shared panel code runs its Apply part
+    code += shared_panel_code()
     for call in ("self.logic.onSceneStartClose()", "self.logic.cancelActiveRuns()", "self._run.requestCancel()",
                  "run.newLogLines()"):
         assert call in code, call
@@ -185,7 +222,7 @@ def test_train_section_widgets_parameters_and_wiring(module):
     path = ui_file(module)
     widgets = ui_widgets(path)
     code = TRAINING_PANEL.read_text()
-    used = set(re.findall(r"self\.ui\.(\w+)", code))
+    used = widgets_used(code)
     assert len(used) >= 10, used
     assert not sorted(used - set(widgets)), f"{module}.ui lacks {sorted(used - set(widgets))}"
     bound = {name for name, w in widgets.items() if any(
@@ -206,9 +243,12 @@ def test_train_section_widgets_parameters_and_wiring(module):
     assert TRAINING_FIELDS <= fields
     assert set(re.findall(r"\bp\.(training\w+)", code)) <= fields
     module_code = (REPO / module / f"{module}.py").read_text()
+    assert f"class {module}Widget(AtlasSegWidget)" in module_code and "def onModelTrained(self, result)" in module_code
+    module_code += shared_panel_code()   # the module widget base builds the section and keeps it up to date
     for call in ("TrainingSection(self.ui, self.logic", "self.training.update()", "self.training.setParameterNode(",
-                 "self.training.forget(", "def onModelTrained(self, result)"):
+                 "training.forget(", "self.runSection.closing("):
         assert call in module_code, call
+    code += shared_panel_code()          # the section's start, poll and cancel: AtlasSegLib.enginepanel
     assert "self._run.requestCancel()" in code and not re.search(r"\.cancel\(\)", code)
 
 

@@ -56,6 +56,7 @@ TINY_ATLASNET = ["--n-networks", "2", "--backbone-kwargs", '{"channels": [4, 8, 
                  "16", "--learning-rate", "0.01", "--patches-per-target", "2", "--val-fraction", "0.25", "--preset",
                  "affine"]
 DLF_EPOCHS, ATLASNET_EPOCHS = 3, 6
+PANEL_MODULES = ("AtlasSegLib.enginepanel", "AtlasSegLib.trainingpanel")   # need Slicer's qt: a stand-in here
 
 
 def dlf_settings(atlases: Path, model: Path, **changes) -> TrainingSettings:
@@ -530,7 +531,8 @@ def training_section(monkeypatch, dlf_atlases, tmp_path):
     monkeypatch.setattr(slicer.util, "errorDisplay", errors.append)
     monkeypatch.setitem(training.TRAINING_SIZES, "tiny", training.TrainingSize(
         "tiny", "Tiny (tests)", {"dlf": tuple(TINY_DLF)}, {"dlf": "Tiny networks for the phantoms."}))
-    sys.modules.pop("AtlasSegLib.trainingpanel", None)      # imported afresh on the stand-in qt, dropped after
+    for name in PANEL_MODULES:                              # imported afresh on the stand-in qt, dropped after
+        sys.modules.pop(name, None)
     panel = importlib.import_module("AtlasSegLib.trainingpanel")
     names = ["trainButton", "resumeButton", "trainingPlotLayoutButton", "trainingProgressBar", "trainingStatusLabel",
              "trainingSizeNoteLabel", "trainingFolderNoteLabel", "trainingPlotContainer"]
@@ -550,7 +552,8 @@ def training_section(monkeypatch, dlf_atlases, tmp_path):
     yield types.SimpleNamespace(section=section, ui=ui, params=params, trained=trained, errors=errors, log=log,
                                 model=tmp_path / "model", scene=scene)
     logic.cancelActiveRuns()
-    sys.modules.pop("AtlasSegLib.trainingpanel", None)
+    for name in PANEL_MODULES:
+        sys.modules.pop(name, None)
 
 
 def poll_until_done(section, statuses: list, seconds: float = 120) -> None:

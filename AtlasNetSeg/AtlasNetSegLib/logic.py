@@ -16,19 +16,17 @@ import numpy as np
 import SimpleITK as sitk
 
 from AtlasSegLib.engine import DEVICES, EngineError, engineEnvironment, engineRegistry, findEngineRoot
-from AtlasSegLib.geometry import GeometryError, worldIjkToRas
+from AtlasSegLib.geometry import GeometryError
 from AtlasSegLib.inputs import writeReference, writeVolume
 from AtlasSegLib.results import (
+    RunOutputs,
     createFolder,
-    mapNode,
-    metricsTable,
-    newColorTable,
+    openRunOutputs,
     paletteColors,
     placeInFolder,
-    readRunRecord,
     segmentationFromLabelFile,
 )
-from AtlasSegLib.run import EngineRun, PreparedRun, ProgressCallback, waitForRun
+from AtlasSegLib.run import PreparedRun, SegmentationRun
 from AtlasSegLib.training import TrainingLogic
 
 from .model import METHOD, ModelFolderProblem, ModelInfo, readModelInfo
@@ -75,6 +73,10 @@ class AtlasNetResultNodes:
         return [*self.probabilityMaps.values(), *perNetwork, *(n for n in (self.agreement, self.oracle) if n)]
 
 
+class AtlasNetRun(SegmentationRun):
+    """One AtlasNet run in the background: poll for progress, cancel, then load the results."""
+
+
 class AtlasNetLogic(TrainingLogic):
     """Converts nodes to engine inputs, runs AtlasNet in a background process, loads its outputs as nodes; and
     trains AtlasNet models from the panel (:class:`AtlasSegLib.training.TrainingLogic`: ``startTraining``,
@@ -84,6 +86,7 @@ class AtlasNetLogic(TrainingLogic):
     """
 
     trainingModule = "AtlasNetSeg"
+    runClass = AtlasNetRun   # startRun and runBlocking: AtlasSegLib.run.EngineLogic
 
     # ------------------------------------------------------------------ validation
     def inputProblems(self, inputs: AtlasNetInputs, settings: AtlasNetSettings) -> list[str]:
@@ -141,98 +144,51 @@ class AtlasNetLogic(TrainingLogic):
         command += ["--reference", str(reference)] if reference is not None else []
         return command
 
-    # ------------------------------------------------------------------ running
-    def startRun(self, inputs: AtlasNetInputs, settings: AtlasNetSettings, workDir: str | Path | None = None
-                 ) -> AtlasNetRun:
-        """Write the inputs and start the engine in the background; poll the returned run."""
-        prepared, process, ownsWorkDir = self.startPrepared(lambda work: self.prepareRun(inputs, settings, work),
-                                                            workDir)
-        return AtlasNetRun(self, inputs, settings, prepared, process, ownsWorkDir)
-
-    def runBlocking(self, inputs: AtlasNetInputs, settings: AtlasNetSettings,
-                    onProgress: ProgressCallback | None = None, workDir: str | Path | None = None,
-                    pollSeconds: float = 0.1) -> AtlasNetResultNodes:
-        """Run and wait (Python console, tests): same work as the GUI's background run."""
-        return waitForRun(self.startRun(inputs, settings, workDir), onProgress, pollSeconds)
-
     # ------------------------------------------------------------------ engine outputs -> nodes
     def loadResults(self, outputDir: str | Path, inputs: AtlasNetInputs, settings: AtlasNetSettings,
                     colors: dict[int, tuple[float, float, float]] | None = None) -> AtlasNetResultNodes:
         """The engine's output folder -> nodes under a new subject-hierarchy folder."""
-        output = Path(outputDir)
-        run, labels, files = readRunRecord(output)
-        target = inputs.targetVolume
-        grid = worldIjkToRas(target)
-        title = f"{TITLE} - {target.GetName()}"
-        folder = createFolder(self.scene, title)
-        colorTable = newColorTable(self.scene, f"{title} labels", labels, colors or paletteColors(labels))
-        placeInFolder(self.scene, colorTable, folder)
-        segmentation = segmentationFromLabelFile(self.scene, output / "segmentation.nii.gz", colorTable,
-                                                 f"{title} segmentation", grid)
+        outputs = openRunOutputs(self.scene, outputDir, inputs.targetVolume,
+                                 f"{TITLE} - {inputs.targetVolume.GetName()}", colors)
+        folder = outputs.folder
+        segmentation = segmentationFromLabelFile(self.scene, outputs.outputDir / "segmentation.nii.gz",
+                                                 outputs.colorTable, f"{outputs.title} segmentation", outputs.grid)
         placeInFolder(self.scene, segmentation, folder)
-        result = AtlasNetResultNodes(folder, segmentation, colorTable, run=run)
-        loader = _MapLoader(self.scene, files, title, target, grid)
-        result.probabilityMaps = loader.probabilities("fused", labels, createFolder(self.scene, "Probability maps",
-                                                                                   folder), "probability")
-        for network in run.get("networks", []):
-            self._loadNetwork(result, loader, network, labels, colorTable, settings.networkSegmentations)
-        result.agreement = loader.load("agreement", "network agreement", "agreement", folder)
-        result.oracle = loader.load("oracle", "oracle coverage", "oracle", folder)
-        if (output / "metrics.json").is_file():
-            result.metrics = json.loads((output / "metrics.json").read_text())
-            result.metricsTable = metricsTable(self.scene, result.metrics, f"{title} metrics")
-            placeInFolder(self.scene, result.metricsTable, folder)
+        result = AtlasNetResultNodes(folder, segmentation, outputs.colorTable, run=outputs.run)
+        result.probabilityMaps = _probabilities(outputs, "fused", createFolder(self.scene, "Probability maps",
+                                                                               folder), "probability")
+        for network in outputs.run.get("networks", []):
+            self._loadNetwork(result, outputs, network, settings.networkSegmentations)
+        result.agreement = outputs.loadMap("agreement", "network agreement", "agreement", folder)
+        result.oracle = outputs.loadMap("oracle", "oracle coverage", "oracle", folder)
+        outputs.loadMetrics(result)
         return result
 
-    def _loadNetwork(self, result: AtlasNetResultNodes, loader: _MapLoader, network: dict, labels: dict[int, str],
-                     colorTable, withSegmentation: bool) -> None:
+    def _loadNetwork(self, result: AtlasNetResultNodes, outputs: RunOutputs, network: dict,
+                     withSegmentation: bool) -> None:
         """One network's probability maps (and, when asked, its own segmentation, hidden) in its own folder."""
         index, name = int(network["index"]), f"network {network['index']} ({network['atlas']})"
         folder = createFolder(self.scene, name[0].upper() + name[1:], result.folderItemID)
-        result.networkProbabilityMaps[index] = loader.probabilities(str(index), labels, folder, f"{name} probability")
-        if withSegmentation and f"segmentation_{index}" in loader.files:
-            node = segmentationFromLabelFile(self.scene, loader.files[f"segmentation_{index}"], colorTable,
-                                             f"{loader.title} {name} segmentation", loader.grid)
+        result.networkProbabilityMaps[index] = _probabilities(outputs, str(index), folder, f"{name} probability")
+        if withSegmentation and f"segmentation_{index}" in outputs.files:
+            node = segmentationFromLabelFile(self.scene, outputs.files[f"segmentation_{index}"], outputs.colorTable,
+                                             f"{outputs.title} {name} segmentation", outputs.grid)
             node.GetDisplayNode().SetVisibility(False)
             placeInFolder(self.scene, node, folder)
             result.networkSegmentations[index] = node
 
 
-class _MapLoader:
-    """Loads the engine's map files of one run as map nodes named after the run."""
-
-    def __init__(self, scene, files: dict[str, Path], title: str, target, grid: np.ndarray):
-        self.scene, self.files, self.title, self.target, self.grid = scene, files, title, target, grid
-
-    def load(self, key: str, name: str, kind: str, folder: int):
-        """The map of ``key`` (None where the engine did not write it)."""
-        if key not in self.files:
-            return None
-        node = mapNode(self.scene, self.files[key], f"{self.title} {name}", kind, self.target, self.grid)
-        placeInFolder(self.scene, node, folder)
-        return node
-
-    def probabilities(self, source: str, labels: dict[int, str], folder: int, prefix: str) -> dict:
-        """Foreground probability maps of ``source`` ("fused" or a network index), by label name; background's
-        is left out (one minus the others)."""
-        maps = {}
-        for value, name in labels.items():
-            if value == 0:
-                continue
-            node = self.load(f"probability_{source}_{value}", f"{prefix} {name}", "probability", folder)
-            if node is not None:
-                maps[name] = node
-        return maps
-
-
-class AtlasNetRun(EngineRun):
-    """One AtlasNet run in the background: poll for progress, cancel, then load the results."""
-
-    def __init__(self, logic: AtlasNetLogic, inputs: AtlasNetInputs, settings: AtlasNetSettings,
-                 prepared: PreparedRun, process, ownsWorkDir: bool):
-        super().__init__(prepared, process, ownsWorkDir, lambda: logic.loadResults(
-            prepared.outputDir, inputs, settings, prepared.colors))
-        self.logic, self.inputs, self.settings = logic, inputs, settings
+def _probabilities(outputs: RunOutputs, source: str, folder: int, prefix: str) -> dict:
+    """Foreground probability maps of ``source`` ("fused" or a network index), by label name; background's is
+    left out (one minus the others)."""
+    maps = {}
+    for value, name in outputs.labels.items():
+        if value == 0:
+            continue
+        node = outputs.loadMap(f"probability_{source}_{value}", f"{prefix} {name}", "probability", folder)
+        if node is not None:
+            maps[name] = node
+    return maps
 
 
 def writeLabelCheckAtlasSet(model: ModelInfo, folder: Path) -> Path:

@@ -15,25 +15,24 @@ from pathlib import Path
 import SimpleITK as sitk
 
 from AtlasSegLib.engine import DEVICES, EngineError, engineEnvironment, engineRegistry, findEngineRoot
-from AtlasSegLib.geometry import GeometryError, worldIjkToRas
+from AtlasSegLib.geometry import GeometryError
 from AtlasSegLib.inputs import segmentationToLabelImage, writeReference, writeVolume
 from AtlasSegLib.results import (
     MAP_KIND_ATTRIBUTE,
     MAP_STYLES,
     PALETTE,
     MapStyle,
+    RunOutputs,
     createFolder,
-    mapNode,
-    metricsTable,
     newColorTable,
+    openRunOutputs,
     paletteColors,
     placeInFolder,
-    readRunRecord,
     safeName,
     segmentationFromLabelFile,
     uniqueName,
 )
-from AtlasSegLib.run import EngineRun, PreparedRun, ProgressCallback, waitForRun
+from AtlasSegLib.run import PreparedRun, SegmentationRun
 from AtlasSegLib.training import TrainingLogic
 
 try:  # the engine's method registry (atlasseg.methods), read without importing torch
@@ -99,6 +98,10 @@ class FusionResultNodes:
         return [*self.voteMaps.values(), *self.weightMaps.values(), *(n for n in (self.agreement, self.oracle) if n)]
 
 
+class FusionRun(SegmentationRun):
+    """One fusion run in the background: poll for progress, cancel, then load the results."""
+
+
 class FusionLogic(TrainingLogic):
     """Converts nodes to engine inputs, runs the engine in a background process, loads its outputs as nodes; and
     trains this module's trainable methods (Deep Label Fusion) from the panel
@@ -108,6 +111,7 @@ class FusionLogic(TrainingLogic):
     """
 
     trainingModule = "DeepLabelFusion"
+    runClass = FusionRun   # startRun and runBlocking: AtlasSegLib.run.EngineLogic
 
     # ------------------------------------------------------------------ validation
     def inputProblems(self, inputs: FusionInputs, settings: FusionSettings) -> list[str]:
@@ -220,85 +224,48 @@ class FusionLogic(TrainingLogic):
         (folder / "dataset.json").write_text(json.dumps(dataset, indent=2))
         return folder, labels, colors
 
-    # ------------------------------------------------------------------ running
-    def startRun(self, inputs: FusionInputs, settings: FusionSettings, workDir: str | Path | None = None) -> FusionRun:
-        """Write the inputs and start the engine in the background; poll the returned run."""
-        prepared, process, ownsWorkDir = self.startPrepared(lambda work: self.prepareRun(inputs, settings, work),
-                                                            workDir)
-        return FusionRun(self, inputs, settings, prepared, process, ownsWorkDir)
-
-    def runBlocking(self, inputs: FusionInputs, settings: FusionSettings, onProgress: ProgressCallback | None = None,
-                    workDir: str | Path | None = None, pollSeconds: float = 0.1) -> FusionResultNodes:
-        """Run and wait (Python console, tests): same work as the GUI's background run."""
-        return waitForRun(self.startRun(inputs, settings, workDir), onProgress, pollSeconds)
-
     # ------------------------------------------------------------------ engine outputs -> nodes
     def loadResults(self, outputDir: str | Path, inputs: FusionInputs, settings: FusionSettings,
                     colors: dict[int, tuple[float, float, float]] | None = None) -> FusionResultNodes:
         """The engine's output folder -> nodes under a new subject-hierarchy folder."""
-        output = Path(outputDir)
-        run, labels, files = readRunRecord(output)
         target = inputs.targetVolume
-        grid = worldIjkToRas(target)
-        title = f"{METHODS.get(settings.method, settings.method)} - {target.GetName()}"
+        outputs = openRunOutputs(self.scene, outputDir, target,
+                                 f"{METHODS.get(settings.method, settings.method)} - {target.GetName()}", colors)
+        title, folder, colorTable = outputs.title, outputs.folder, outputs.colorTable
         atlasSetName = readAtlasSetName(inputs.atlasFolder) if inputs.atlasFolder else ""
-        folder = createFolder(self.scene, title)
-        colorTable = newColorTable(self.scene, f"{title} labels", labels, colors or paletteColors(labels))
-        placeInFolder(self.scene, colorTable, folder)
         segmentation = segmentationFromLabelFile(
-            self.scene, output / "segmentation.nii.gz", colorTable, f"{title} segmentation", grid,
+            self.scene, outputs.outputDir / "segmentation.nii.gz", colorTable, f"{title} segmentation", outputs.grid,
             into=inputs.outputSegmentation, referenceVolume=target, atlasSetName=atlasSetName)
         if inputs.outputSegmentation is None:   # an overwritten node stays where the user keeps it
             placeInFolder(self.scene, segmentation, folder)
-        result = FusionResultNodes(folder, segmentation, colorTable, run=run)
-        if "initial_segmentation" in files:  # Deep Label Fusion: the weighted-voting stage before fine-tuning
+        result = FusionResultNodes(folder, segmentation, colorTable, run=outputs.run)
+        if "initial_segmentation" in outputs.files:  # Deep Label Fusion: the weighted-voting stage before fine-tuning
             result.initialSegmentation = segmentationFromLabelFile(
-                self.scene, files["initial_segmentation"], colorTable, f"{title} initial segmentation", grid,
-                referenceVolume=target, atlasSetName=atlasSetName)
+                self.scene, outputs.files["initial_segmentation"], colorTable, f"{title} initial segmentation",
+                outputs.grid, referenceVolume=target, atlasSetName=atlasSetName)
             result.initialSegmentation.GetDisplayNode().SetVisibility(False)
             placeInFolder(self.scene, result.initialSegmentation, folder)
         if settings.show3D:
             self.showIn3D(segmentation)
-        self._loadMaps(result, files, labels, title, target, grid, settings.weightMaps)
-        if (output / "metrics.json").is_file():
-            result.metrics = json.loads((output / "metrics.json").read_text())
-            result.metricsTable = metricsTable(self.scene, result.metrics, f"{title} metrics")
-            placeInFolder(self.scene, result.metricsTable, folder)
+        self._loadMaps(result, outputs, settings.weightMaps)
+        outputs.loadMetrics(result)
         return result
 
-    def _loadMaps(self, result: FusionResultNodes, files: dict[str, Path], labels: dict[int, str], title: str,
-                  target, grid, weightMaps: bool) -> None:
+    def _loadMaps(self, result: FusionResultNodes, outputs: RunOutputs, weightMaps: bool) -> None:
         """Vote maps per label in a subfolder, agreement and oracle maps beside them; the weight maps per atlas
         (Deep Label Fusion: per atlas and label, often dozens of volumes) only when asked for."""
-        def load(key: str, name: str, kind: str, folder: int):
-            node = mapNode(self.scene, files[key], f"{title} {name}", kind, target, grid)
-            placeInFolder(self.scene, node, folder)
-            return node
-
         votesFolder = createFolder(self.scene, "Vote maps", result.folderItemID)
-        for value, name in labels.items():
-            if f"votes_{value}" in files:
-                result.voteMaps[name] = load(f"votes_{value}", f"votes {name}", "votes", votesFolder)
-        weightKeys = [key for key in files if key.startswith("weights_")] if weightMaps else []
+        for value, name in outputs.labels.items():
+            if f"votes_{value}" in outputs.files:
+                result.voteMaps[name] = outputs.loadMap(f"votes_{value}", f"votes {name}", "votes", votesFolder)
+        weightKeys = [key for key in outputs.files if key.startswith("weights_")] if weightMaps else []
         if weightKeys:
             weightsFolder = createFolder(self.scene, "Weight maps", result.folderItemID)
             for key in weightKeys:
                 atlasId = key[len("weights_"):]
-                result.weightMaps[atlasId] = load(key, f"weights {atlasId}", "weights", weightsFolder)
-        if "agreement" in files:
-            result.agreement = load("agreement", "atlas agreement", "agreement", result.folderItemID)
-        if "oracle" in files:
-            result.oracle = load("oracle", "oracle coverage", "oracle", result.folderItemID)
-
-
-class FusionRun(EngineRun):
-    """One fusion run in the background: poll for progress, cancel, then load the results."""
-
-    def __init__(self, logic: FusionLogic, inputs: FusionInputs, settings: FusionSettings, prepared: PreparedRun,
-                 process, ownsWorkDir: bool):
-        super().__init__(prepared, process, ownsWorkDir, lambda: logic.loadResults(
-            prepared.outputDir, inputs, settings, prepared.colors))
-        self.logic, self.inputs, self.settings = logic, inputs, settings
+                result.weightMaps[atlasId] = outputs.loadMap(key, f"weights {atlasId}", "weights", weightsFolder)
+        result.agreement = outputs.loadMap("agreement", "atlas agreement", "agreement", result.folderItemID)
+        result.oracle = outputs.loadMap("oracle", "oracle coverage", "oracle", result.folderItemID)
 
 
 def _sceneAtlasLabels(pairs: Sequence) -> tuple[dict[int, str], dict[int, tuple[float, float, float]]]:

@@ -16,6 +16,7 @@ from ..device import resolve_device
 from ..fusion import FusionResult, labels_to_index
 from ..inference import prediction_region, uncrop
 from ..io import label_pixel_type, tensor_to_image, write_image
+from ..methods import map_kinds
 from ..model_io import LoadedModel, check_compatible, load_model
 from ..pipeline import PreparedAtlases, SegmentationResult, prepare
 from ..progress import Progress
@@ -160,7 +161,8 @@ def segment_dlf(target: Sequence[sitk.Image], atlas_set: AtlasSet, model: str | 
     """Register N atlases to the target with the engine's pipeline, then run the DLF model over it.
 
     ``n_atlases`` defaults to the number the model was trained with; ``backend`` / ``preset`` default to the
-    registration settings it was trained with. ``maps`` keeps the per-atlas weight maps (N x L volumes).
+    registration settings it was trained with. ``maps`` (True, or kinds including ``weights``) keeps the
+    per-atlas weight maps (N x L volumes).
     """
     loaded = model if isinstance(model, LoadedModel) else load_model(model, "cpu", method="dlf")
     check_compatible(loaded, atlas_set, len(target))
@@ -175,6 +177,6 @@ def segment_dlf(target: Sequence[sitk.Image], atlas_set: AtlasSet, model: str | 
     index = labels_to_index(prepared.labels, labels).long().cpu()
     roi = loaded.config.get("patch_size") or [max(8, s) for s in prepared.target.shape[1:]]
     prediction = predict(loaded.model, prepared.target.cpu(), prepared.images.cpu(), index, roi, overlap,
-                         with_weights=maps, device=device)
+                         with_weights="weights" in map_kinds(maps), device=device)
     progress.done("deep label fusion done")
     return result_from_prediction(prepared, prediction, labels, str(loaded.folder))
