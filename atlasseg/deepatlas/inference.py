@@ -31,12 +31,12 @@ from ..device import resolve_device
 from ..fusion import FusionResult, labels_to_index
 from ..io import Geometry, image_to_tensor, label_pixel_type, labels_to_tensor, tensor_to_image, write_image
 from ..losses import regularizer_loss, similarity_loss
-from ..methods import map_kinds
 from ..model_io import CONFIG, LoadedModel, ModelFolderError, check_compatible, load_model
-from ..pipeline import SegmentationResult, write_run_record
+from ..pipeline import write_run_record
 from ..progress import Progress
 from ..registration import DisplacementField, Registration, normalized_tensor, warp_image, warp_labels
 from ..registration.transforms import grid_points
+from ..segmenter import SegmenterResult
 from .fields import field_jacobian_determinant, jacobian_stats, voxel_to_mm
 from .grid import CommonGrid, labels_to_common_grid, sample_on, to_case_grid, to_common_grid
 from .model import DeepAtlasModel, load_common_grid
@@ -118,23 +118,12 @@ def _channels(images) -> list[sitk.Image]:
 
 
 @dataclass
-class DeepAtlasResult(SegmentationResult):
-    """F_S's segmentation and per-label probabilities on the target's own grid (no atlases)."""
+class DeepAtlasResult(SegmenterResult):
+    """F_S's segmentation and per-label probabilities on the target's own grid (no atlases); saved as a
+    segmenter's output, recorded as method ``deepatlas``."""
 
-    model_folder: str = ""
+    method: str = "deepatlas"
     prealignment: np.ndarray | None = None     # 4x4, common point -> target point
-
-    def save(self, out_dir: str | Path, maps=False, transforms: bool = False,
-             reference: sitk.Image | None = None, oracle_fraction: float = 0.10) -> dict[str, str]:
-        """``segmentation.nii.gz`` and, with the ``probabilities`` map kind (or ``maps=True``), the per-label
-        probabilities; ``run.json`` last."""
-        out = Path(out_dir)
-        written = {"segmentation": str(write_image(self.segmentation, out / "segmentation.nii.gz"))}
-        if "probabilities" in map_kinds(maps):
-            written.update(self.save_probability_maps(out))
-        write_run_record(out, {"method": "deepatlas", "model": self.model_folder, "atlases": [],
-                               "labels": self.label_names, "timings_s": self.timings, "files": written})
-        return written
 
 
 def predict_segmentation(bundle: DeepAtlasModelBundle, target: Sequence[sitk.Image],

@@ -245,6 +245,7 @@ class SegmenterResult(SegmentationResult):
     """A segmenter's output on the target grid: segmentation and per-label probabilities (no atlases)."""
 
     model_folder: str = ""
+    method: str = "segmenter"      # the method recorded in run.json (a network-only output of another method)
 
     def save(self, out_dir: str | Path, maps=False, transforms: bool = False,
              reference: sitk.Image | None = None, oracle_fraction: float = 0.10) -> dict[str, str]:
@@ -254,7 +255,7 @@ class SegmenterResult(SegmentationResult):
         written = {"segmentation": str(write_image(self.segmentation, out / "segmentation.nii.gz"))}
         if "probabilities" in map_kinds(maps):
             written.update(self.save_probability_maps(out))
-        write_run_record(out, {"method": "segmenter", "model": self.model_folder, "atlases": [],
+        write_run_record(out, {"method": self.method, "model": self.model_folder, "atlases": [],
                                "labels": self.label_names, "timings_s": self.timings, "files": written})
         return written
 
