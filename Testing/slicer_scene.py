@@ -112,3 +112,14 @@ def snapshot(node) -> tuple:
     return tuple(state)
 
 
+
+
+def assert_under_folder(scene, folder: int, nodes) -> None:
+    """Every node sits somewhere below the subject-hierarchy ``folder``."""
+    sh = scene.GetSubjectHierarchyNode()
+    for node in nodes:
+        item, ancestors = sh.GetItemByDataNode(node), []
+        while item and item != sh.GetSceneItemID():
+            item = sh.GetItemParent(item)
+            ancestors.append(item)
+        assert folder in ancestors, node.GetName()

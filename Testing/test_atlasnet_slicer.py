@@ -38,6 +38,7 @@ from AtlasSegLib import EngineCancelled, EngineError, EngineProcess, updateVolum
 from AtlasSegLib.results import MAP_KIND_ATTRIBUTE, PALETTE  # noqa: E402
 from Testing.slicer_scene import (  # noqa: E402
     array_of,
+    assert_under_folder,
     dice,
     label_array_of_segmentation,
     new_scene,
@@ -303,12 +304,7 @@ def test_results_sit_in_one_subject_hierarchy_folder(atlasnet_run):
     sh = scene.GetSubjectHierarchyNode()
     folder = result.folderItemID
     assert sh.GetItemName(folder) == "AtlasNet - oblique target" and sh.GetItemParent(folder) == sh.GetSceneItemID()
-    for node in [result.segmentation, result.colorTable, result.metricsTable, *result.maps()]:
-        item, ancestors = sh.GetItemByDataNode(node), []
-        while item and item != sh.GetSceneItemID():
-            item = sh.GetItemParent(item)
-            ancestors.append(item)
-        assert folder in ancestors, node.GetName()
+    assert_under_folder(scene, folder, [result.segmentation, result.colorTable, result.metricsTable, *result.maps()])
     fused_item = sh.GetItemByDataNode(result.probabilityMaps["tissue"])
     assert sh.GetItemName(sh.GetItemParent(fused_item)) == "Probability maps"
 

@@ -58,6 +58,7 @@ from AtlasSegLib.results import (  # noqa: E402
 )
 from Testing.slicer_scene import (  # noqa: E402
     array_of,
+    assert_under_folder,
     dice,
     label_array_of_segmentation,
     new_scene,
@@ -611,12 +612,8 @@ def test_results_sit_in_one_subject_hierarchy_folder(weighted_run):
     folder = result.folderItemID
     assert sh.GetItemName(folder) == "Local weighted voting - phantom target"
     assert sh.GetItemParent(folder) == sh.GetSceneItemID()
-    for node in [result.segmentation, result.metricsTable, result.agreement, result.oracle, *result.maps()]:
-        item, ancestors = sh.GetItemByDataNode(node), []
-        while item and item != sh.GetSceneItemID():
-            item = sh.GetItemParent(item)
-            ancestors.append(item)
-        assert folder in ancestors, node.GetName()
+    assert_under_folder(scene, folder, [result.segmentation, result.metricsTable, result.agreement, result.oracle,
+                                        *result.maps()])
     vote_item = sh.GetItemByDataNode(result.voteMaps["tissue"])
     assert sh.GetItemName(sh.GetItemParent(vote_item)) == "Vote maps"
 

@@ -22,7 +22,10 @@ import torch
 import torch.nn.functional as F
 
 from ..losses import deep_supervision_loss, regularizer_loss, regularizer_scale, similarity_loss, soft_dice_loss
+from .config import DeepAtlasTrainConfig
 from .model import DeepAtlasModel
+
+_DEFAULTS = DeepAtlasTrainConfig.__dataclass_fields__
 
 __all__ = ["Objective", "PairBatch", "onehot"]
 
@@ -55,14 +58,14 @@ class Objective:
 
     n_labels: int
     grid_shape: tuple[int, int, int]
-    lambda_i: float = 1.0
-    lambda_r: float = 1.0
-    lambda_a: float = 2.0
-    lambda_sp: float = 3.0
-    similarity: str = "lncc"
-    lncc_radius: int = 4
-    regularizer: str = "diffusion"
-    regularizer_reference_size: int = 128
+    lambda_i: float = _DEFAULTS["lambda_i"].default       # defaults: those of the training config (one place)
+    lambda_r: float = _DEFAULTS["lambda_r"].default
+    lambda_a: float = _DEFAULTS["lambda_a"].default
+    lambda_sp: float = _DEFAULTS["lambda_sp"].default
+    similarity: str = _DEFAULTS["similarity"].default
+    lncc_radius: int = _DEFAULTS["lncc_radius"].default
+    regularizer: str = _DEFAULTS["regularizer"].default
+    regularizer_reference_size: int = _DEFAULTS["regularizer_reference_size"].default
     supervised: torch.nn.Module | None = None
     deep_supervision_weights: tuple[float, ...] = (1.0,)
 
