@@ -35,6 +35,7 @@ from AtlasSegLib.modulebase import (  # noqa: E402
     AtlasSegWidget,
     TrainingParameters,
 )
+from AtlasSegLib.sampledata import registerSampleData  # noqa: E402
 
 
 class AtlasNetSeg(AtlasSegModule):
@@ -47,6 +48,11 @@ class AtlasNetSeg(AtlasSegModule):
         "model in the Train a model section (or with 'atlasseg train --method atlasnet'). See the "
         "<a href='https://github.com/atlasseg/SlicerAtlasSeg'>documentation</a>.")
     moduleAcknowledgementText = "AtlasNet after Vakalopoulou et al. (MICCAI 2018)."
+
+    def __init__(self, parent):
+        super().__init__(parent)
+        # the sample atlas set in Sample Data (its targets, and its atlases to train on), once Slicer has started
+        slicer.app.connect("startupCompleted()", lambda: registerSampleData("AtlasNetSeg"))
 
 
 @parameterNodeWrapper

@@ -20,6 +20,7 @@ from .engine import (
     EngineCancelled,
     EngineError,
     EngineProcess,
+    EngineSequence,
     ProgressEvent,
     engineEnvironment,
     engineRegistry,
@@ -33,7 +34,7 @@ from .engine import (
     torchIsInstalled,
 )
 from .geometry import GeometryError, ijkToRasFromImage, updateVolumeNodeFromImage, volumeNodeToImage
-from .inputs import segmentationToLabelImage, writeReference, writeVolume
+from .inputs import segmentationToLabelImage, segmentLabels, writeReference, writeVolume
 from .results import (
     MAP_KIND_ATTRIBUTE,
     MAP_STYLES,
@@ -47,6 +48,14 @@ from .results import (
     tagStructures,
 )
 from .run import EngineLogic, EngineRun, PreparedRun, SegmentationRun, runSeconds, waitForRun
+from .sampledata import (
+    ModelOffer,
+    SampleScene,
+    applySampleToParameters,
+    loadSampleScene,
+    modelOffer,
+    registerSampleData,
+)
 from .selftest import runSelfTests
 from .training import (
     DEFAULT_SIZE,
@@ -59,18 +68,22 @@ from .training import (
     TrainingRun,
     TrainingSettings,
     TrainingSize,
+    UnusableModelFolder,
     inspectModelFolder,
+    readMethodConfig,
     readTrainingHistory,
 )
 
 __all__ = [
     "DEFAULT_SIZE", "DEVICES", "MAP_KIND_ATTRIBUTE", "MAP_STYLES", "PALETTE", "STRUCTURE_CODES", "TRAINING_RECORD",
-    "TRAINING_SIZES", "EngineCancelled", "EngineError", "EngineLogic", "EngineProcess", "EngineRun", "GeometryError",
-    "MapStyle", "ModelFolderState", "PreparedRun", "ProgressEvent", "SegmentationRun", "StructureCode",
-    "TrainingCurves", "TrainingLogic", "TrainingResult", "TrainingRun", "TrainingSettings", "TrainingSize",
+    "TRAINING_SIZES", "EngineCancelled", "EngineError", "EngineLogic", "EngineProcess", "EngineRun",
+    "EngineSequence", "GeometryError", "MapStyle", "ModelFolderState", "ModelOffer", "PreparedRun", "ProgressEvent",
+    "SampleScene", "SegmentationRun", "StructureCode", "TrainingCurves", "TrainingLogic", "TrainingResult",
+    "TrainingRun", "TrainingSettings", "TrainingSize", "UnusableModelFolder", "applySampleToParameters",
     "engineEnvironment", "engineRegistry", "ensureEngineDependencies", "findEngineRoot", "ijkToRasFromImage",
-    "inspectModelFolder", "missingPipDependencies", "parseProgressLine", "parseProgressLogLine", "progressLogLine",
-    "pythonExecutable", "readTrainingHistory", "readableEngineError", "runSeconds", "runSelfTests",
-    "segmentationToLabelImage", "showIn3D", "showMap", "structureCode", "tagStructures", "torchIsInstalled",
+    "inspectModelFolder", "loadSampleScene", "missingPipDependencies", "modelOffer", "parseProgressLine",
+    "parseProgressLogLine", "progressLogLine", "pythonExecutable", "readMethodConfig", "readTrainingHistory",
+    "readableEngineError", "registerSampleData", "runSeconds", "runSelfTests", "segmentationToLabelImage",
+    "segmentLabels", "showIn3D", "showMap", "structureCode", "tagStructures", "torchIsInstalled",
     "updateVolumeNodeFromImage", "volumeNodeToImage", "waitForRun", "writeReference", "writeVolume",
 ]

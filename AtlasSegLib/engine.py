@@ -334,6 +334,104 @@ class EngineProcess:
         self.returnCode()
 
 
+class EngineSequence:
+    """Engine commands run one after another as one process to poll and cancel (the interface of
+    :class:`EngineProcess`): ``steps`` are ``(message, command)`` pairs; the next starts once the previous has ended
+    well (checked whenever the sequence is polled), a failure or a cancel ends the sequence. Progress is spread
+    evenly over the steps, each announced by its message; ``start(command, env)`` starts one step (default:
+    :class:`EngineProcess`)."""
+
+    def __init__(self, steps: Sequence[tuple[str, Sequence[str]]], env: dict[str, str] | None = None,
+                 start: Callable[[list, dict], EngineProcess] | None = None):
+        if not steps:
+            raise ValueError("an engine sequence needs at least one command")
+        self.steps = [(message, list(command)) for message, command in steps]
+        self.env = env
+        self._start = start or (lambda command, environment: EngineProcess(command, environment))
+        self._lock = threading.RLock()
+        self._events: list[ProgressEvent] = []
+        self._log: list[str] = []
+        self._index = -1
+        self.current = None
+        self.cancelled = False
+        self._startNext()
+
+    @property
+    def command(self) -> list[str]:
+        return self.steps[max(self._index, 0)][1]
+
+    @property
+    def stderrLines(self):
+        return self.current.stderrLines
+
+    def _startNext(self) -> None:
+        """Start the next step, its announcement queued as progress and log line."""
+        self._index += 1
+        message, command = self.steps[self._index]
+        if self._index:
+            self._log.append(f"$ {' '.join(command)}")
+        event = ProgressEvent(self._index / len(self.steps), message)
+        self._events.append(event)
+        self._log.append(progressLogLine(event))
+        self.current = self._start(command, self.env)
+
+    def _drain(self) -> None:
+        """Move what the current step reported into the sequence's queues (its progress scaled to the step)."""
+        n = len(self.steps)
+        for event in self.current.progressEvents():
+            self._events.append(ProgressEvent((self._index + event.fraction) / n, event.message))
+        self._log += self.current.newLogLines()
+
+    def returnCode(self) -> int | None:
+        """None while a step runs or the next is about to start; else the last step's exit code."""
+        with self._lock:
+            code = self.current.returnCode()
+            if code is None or code != 0 or self.cancelled or self._index + 1 == len(self.steps):
+                return code
+            self._drain()
+            self._startNext()
+            return None
+
+    def progressEvents(self) -> list[ProgressEvent]:
+        with self._lock:
+            self.returnCode()
+            self._drain()
+            events, self._events = self._events, []
+            return events
+
+    def newLogLines(self) -> list[str]:
+        with self._lock:
+            self._drain()
+            lines, self._log = self._log, []
+            return lines
+
+    def wait(self, timeout: float | None = None) -> int:
+        while True:
+            self.current.wait(timeout)
+            code = self.returnCode()
+            if code is not None:
+                return code
+
+    def requestCancel(self, grace: float = CANCEL_GRACE_SECONDS, onStopped: Callable[[], None] | None = None
+                      ) -> None:
+        """Stop the running step without waiting (see :meth:`EngineProcess.requestCancel`); no further step
+        starts."""
+        with self._lock:
+            if self.current.returnCode() is None or self._index + 1 < len(self.steps):
+                self.cancelled = True
+            self.current.requestCancel(grace, onStopped)
+
+    def isCancelling(self) -> bool:
+        return self.cancelled and self.current.returnCode() is None
+
+    def cancel(self, grace: float = CANCEL_GRACE_SECONDS) -> None:
+        """Stop the running step and wait until it is gone; no further step starts."""
+        with self._lock:
+            if self.current.returnCode() is None or self._index + 1 < len(self.steps):
+                self.cancelled = True
+        self.current.cancel(grace)
+
+
 def _processGroupArguments() -> dict:
     if os.name == "nt":
         return {"creationflags": subprocess.CREATE_NEW_PROCESS_GROUP}

@@ -6,6 +6,7 @@ representations or change, and every temporary node is removed again.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 
 import SimpleITK as sitk
@@ -97,3 +98,18 @@ def _extentReferenceGeometry() -> int:
     import slicer
 
     return slicer.vtkSegmentation.EXTENT_REFERENCE_GEOMETRY
+
+
+def segmentLabels(segmentationNodes: Sequence) -> tuple[dict[int, str], dict[int, tuple[float, float, float]]]:
+    """Label values for segmentations given as nodes: numbered 1, 2, ... by first appearance of each segment name
+    across the nodes (the same name is the same label), coloured as that first segment; background is 0."""
+    names: list[str] = []
+    colors: dict[int, tuple[float, float, float]] = {}
+    for segmentationNode in segmentationNodes:
+        segmentation = segmentationNode.GetSegmentation()
+        for k in range(segmentation.GetNumberOfSegments()):
+            segment = segmentation.GetNthSegment(k)
+            if segment.GetName() not in names:
+                names.append(segment.GetName())
+                colors[len(names)] = tuple(segment.GetColor())
+    return {0: "background", **{k + 1: name for k, name in enumerate(names)}}, colors

@@ -19,9 +19,10 @@ from pathlib import Path
 import numpy as np
 import SimpleITK as sitk
 import vtk
+from vtk.util import numpy_support
 
 from .engine import EngineError
-from .geometry import numpyToVtkMatrix, updateVolumeNodeFromImage, vtkMatrixToNumpy, worldIjkToRas
+from .geometry import ijkToRasFromImage, numpyToVtkMatrix, updateVolumeNodeFromImage, vtkMatrixToNumpy, worldIjkToRas
 
 # Distinct, colour-blind-friendly segment colours (Okabe-Ito, then Tableau) for labels read from disk.
 PALETTE = ((0.902, 0.624, 0.0), (0.337, 0.706, 0.914), (0.0, 0.620, 0.451), (0.941, 0.894, 0.259),
@@ -46,6 +47,8 @@ MAP_STYLES = {
     "weights": MapStyle("vtkMRMLColorTableNodeIron", "Iron", None),
     "agreement": MapStyle("vtkMRMLColorTableNodeRainbow", "Rainbow", (0.0, 1.0)),
     "oracle": MapStyle("vtkMRMLColorTableNodeRed", "Red", (0.0, 1.0), (0.0, 0.5), 0.7),  # shows the uncovered voxels
+    # a deformation's Jacobian determinant: 1 (volume kept) in the middle, shrinking cool, growing warm
+    "jacobian": MapStyle("vtkMRMLColorTableNodefMRI", "fMRI", (0.0, 2.0)),
 }
 MAP_KIND_ATTRIBUTE = "AtlasSeg.MapKind"
 OUTPUT_GRID_TOLERANCE = 1e-3   # mm; NIfTI stores the grid in float32
@@ -282,6 +285,40 @@ def _resetSegmentation(segmentationNode, labelmap, referenceVolume=None) -> None
         slicer.vtkSegmentationConverter.SerializeImageGeometry(matrix, labelmap.GetImageData()))
     segmentationNode.SetNodeReferenceID(segmentationNode.GetReferenceImageGeometryReferenceRole(),
                                         referenceVolume.GetID() if referenceVolume is not None else None)
+
+
+def gridTransformFromFile(scene, path: Path, name: str, gridIjkToRas: np.ndarray | None = None):
+    """An ITK displacement field file (LPS mm on its grid: a point x maps to x + u(x), as ITK resamples) as a grid
+    transform node whose *transform from parent* does the same in RAS: a moving volume placed under it is
+    resampled onto the field's (fixed) grid, and the Transforms module can harden or invert it. Where the field's
+    grid is ``gridIjkToRas`` up to NIfTI's float32 rounding, that grid is used exactly."""
+    import slicer
+
+    field = sitk.ReadImage(str(path))
+    if field.GetDimension() != 3 or field.GetNumberOfComponentsPerPixel() != 3:
+        raise EngineError(f"{Path(path).name} is not a 3D displacement field")
+    displacement = sitk.GetArrayFromImage(field).astype(np.float64)   # (K, J, I, 3), LPS
+    displacement[..., :2] *= -1.0                                     # LPS -> RAS
+    ijkToRas = ijkToRasFromImage(field)
+    if gridIjkToRas is not None and np.abs(ijkToRas - gridIjkToRas).max() < OUTPUT_GRID_TOLERANCE:
+        ijkToRas = np.asarray(gridIjkToRas, dtype=float)
+    spacing = np.linalg.norm(ijkToRas[:3, :3], axis=0)
+    direction = np.eye(4)
+    direction[:3, :3] = ijkToRas[:3, :3] / spacing
+    grid = vtk.vtkImageData()
+    grid.SetOrigin(*ijkToRas[:3, 3])
+    grid.SetSpacing(*spacing)
+    grid.SetDimensions(*field.GetSize())
+    vectors = numpy_support.numpy_to_vtk(displacement.reshape(-1, 3), deep=True, array_type=vtk.VTK_DOUBLE)
+    vectors.SetNumberOfComponents(3)
+    grid.GetPointData().SetScalars(vectors)
+    transform = slicer.vtkOrientedGridTransform()
+    transform.SetGridDirectionMatrix(numpyToVtkMatrix(direction))
+    transform.SetDisplacementGridData(grid)
+    transform.SetInterpolationModeToLinear()
+    node = scene.AddNewNodeByClass("vtkMRMLGridTransformNode", name)
+    node.SetAndObserveTransformFromParent(transform)
+    return node
 
 
 def mapNode(scene, path: Path, name: str, kind: str, targetNode, gridIjkToRas: np.ndarray | None = None):

@@ -21,6 +21,7 @@ from .engine import (
     EngineCancelled,
     EngineError,
     EngineProcess,
+    EngineSequence,
     ProgressEvent,
     pythonExecutable,
     readableEngineError,
@@ -33,7 +34,10 @@ ProgressCallback = Callable[[float, str], None]
 
 @dataclass
 class PreparedRun:
-    """An engine command ready to start: inputs written into ``workDir``, outputs expected in ``outputDir``."""
+    """An engine command ready to start: inputs written into ``workDir``, outputs expected in ``outputDir``.
+
+    ``steps``: a run of several engine commands, ``(message, command)`` pairs run one after another as one
+    :class:`~AtlasSegLib.engine.EngineSequence` (``command`` is then the first one's)."""
 
     command: list[str]
     environment: dict[str, str]
@@ -41,6 +45,7 @@ class PreparedRun:
     outputDir: Path
     labels: dict[int, str]
     colors: dict[int, tuple[float, float, float]] = field(default_factory=dict)
+    steps: list[tuple[str, list[str]]] = field(default_factory=list)
 
 
 class EngineRun:
@@ -169,7 +174,10 @@ class EngineLogic:
         work = Path(tempfile.mkdtemp(prefix="AtlasSeg-")) if ownsWorkDir else Path(workDir)
         try:
             prepared = prepare(work)
-            process = self.processFactory(prepared.command, prepared.environment)
+            if prepared.steps:   # several commands: each started by the process factory, one after another
+                process = EngineSequence(prepared.steps, prepared.environment, self.processFactory)
+            else:
+                process = self.processFactory(prepared.command, prepared.environment)
         except BaseException:
             if ownsWorkDir:
                 shutil.rmtree(work, ignore_errors=True)

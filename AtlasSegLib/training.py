@@ -54,10 +54,19 @@ RECORD_FORMAT = "atlasseg-slicer-training"
 # the columns of the training table; the plot draws the second and third against the first
 EPOCH, LOSS, DICE = "epoch", "training loss", "validation Dice"
 NETWORK, NETWORK_EPOCH = "network", "network epoch"     # AtlasNet only
+SEGMENTATION_LOSS, REGISTRATION_DICE = "F_S loss", "F_R validation Dice"   # DeepAtlas only
+# training_log.csv columns of each table column: the first the log has. DeepAtlas logs by step, its training loss is
+# F_R's (registration) and its validation Dice F_S's (segmentation); the other two get columns of their own.
+LOG_COLUMNS = {EPOCH: ("epoch", "step"), LOSS: ("train_loss", "registration_loss"),
+               DICE: ("val_dice", "val_dice_segmentation")}
+METHOD_LOG_COLUMNS = {"atlasnet": (NETWORK, NETWORK_EPOCH),
+                      "deepatlas": ((SEGMENTATION_LOSS, "segmentation_loss"), (REGISTRATION_DICE,
+                                                                               "val_dice_registration"))}
 LOSS_COLOR = (0.86, 0.12, 0.12)      # as the engine's training_curves.png: loss red, validation Dice blue
 DICE_COLOR = (0.12, 0.31, 0.86)
 _NETWORK_LINE = re.compile(r"^AtlasNet network (\d+)/(\d+)")
 _STATUS_LINE = re.compile(r"^(registration cache |atlases by |resuming |AtlasNet network |epoch \d+/\d+: |"
+                          r"step \d+ \(|"
                           r"model: |.*already trained)")
 
 
@@ -83,22 +92,31 @@ TRAINING_SIZES: dict[str, TrainingSize] = {size.name: size for size in (
                  {"dlf": ("--vote-channels", "8", "16", "32", "--finetune-channels", "8", "16", "32", "64",
                           "--patch-size", "32", "32", "32"),
                   "atlasnet": ("--backbone-preset", "cpu", "--backbone-kwargs", '{"channels": [8, 16, 32]}',
-                               "--patch-size", "32", "32", "32")},
+                               "--patch-size", "32", "32", "32"),
+                  "deepatlas": ("--registration-backbone-kwargs", '{"channels": [8, 16, 16, 16]}',
+                                "--backbone-kwargs", '{"channels": [8, 16, 32]}', "--pretrain-registration-steps",
+                                "300", "--pretrain-segmentation-steps", "150")},
                  {"dlf": "U-Nets of 8-16-32 (weighted voting) and 8-16-32-64 (fine-tuning) channels on 32x32x32 "
                          "patches: a first model quickly, on a CPU.",
-                  "atlasnet": "U-Nets of 8-16-32 channels on 32x32x32 patches: a first model quickly, on a CPU."}),
+                  "atlasnet": "U-Nets of 8-16-32 channels on 32x32x32 patches: a first model quickly, on a CPU.",
+                  "deepatlas": "Registration network of 8-16-16-16 channels, segmentation U-Net of 8-16-32, each "
+                               "pretrained for 300 / 150 steps: a first model quickly, on a CPU."}),
     TrainingSize("standard", "Standard (CPU)",
                  {"dlf": ("--vote-channels", "16", "32", "64", "--finetune-channels", "16", "32", "64", "128"),
                   "atlasnet": ("--backbone-preset", "cpu")},
                  {"dlf": "U-Nets of 16-32-64 and 16-32-64-128 channels on 48x48x48 patches: the size of the CPU "
                          "benchmarks.",
-                  "atlasnet": "The U-Net's CPU size (16-32-64-128 channels) on 48x48x48 patches."}),
+                  "atlasnet": "The U-Net's CPU size (16-32-64-128 channels) on 48x48x48 patches.",
+                  "deepatlas": "VoxelMorph's registration network (16-32-32-32-32 channels) and the U-Net's CPU "
+                               "size, pretrained for 1000 / 500 steps (the engine's defaults)."}),
     TrainingSize("large", "Large (GPU)",
-                 {"dlf": (), "atlasnet": ("--backbone-preset", "paper")},
+                 {"dlf": (), "atlasnet": ("--backbone-preset", "paper"), "deepatlas": ("--backbone-preset", "paper")},
                  {"dlf": "U-Nets of 32-64-128 and 32-64-128-256 channels on 48x48x48 patches (the engine's defaults): "
                          "best trained on a GPU.",
                   "atlasnet": "The U-Net's published size (32-64-128-256-320 channels) on 48x48x48 patches: best "
-                              "trained on a GPU."}),
+                              "trained on a GPU.",
+                  "deepatlas": "VoxelMorph's registration network and the U-Net's published size (32-64-128-256-320 "
+                               "channels) as segmentation network: best trained on a GPU."}),
 )}
 DEFAULT_SIZE = "standard"
 DEFAULT_EPOCHS = 20
@@ -163,6 +181,57 @@ def configMethod(config: dict) -> str:
     return "segmenter" if method == "unet" else method
 
 
+class UnusableModelFolder(EngineError):
+    """A folder chosen as a trained model is not one the panel can use; the message says why and what to do."""
+
+
+MODEL_VERSION = 2   # atlasseg.model_io.MODEL_VERSION
+
+
+def methodModelDescription(method: str) -> str:
+    """'a Deep Label Fusion model (open it in the DeepLabelFusion module)' and the like."""
+    try:
+        info = engineRegistry().get_method(method)
+    except (EngineError, ValueError):
+        return f"a '{method}' model"
+    where = f" (open it in the {info.slicer_module} module)" if info.slicer_module else ""
+    return f"a {info.label} model{where}"
+
+
+def readMethodConfig(folder: str | Path | None, method: str, trainHint: str) -> tuple[Path, dict]:
+    """A trained model folder of ``method`` and its ``config.json``, read without torch; every problem (no folder,
+    not a model, another method's model, another format version) is UnusableModelFolder with one sentence.
+    ``trainHint``: how to train one ("train one with: atlasseg train --method ..."). The engine checks the folder
+    fully (weights, checksums) when it loads it."""
+    try:
+        title = engineRegistry().get_method(method).label
+    except (EngineError, ValueError):
+        title = method
+    label = "an" if title[:1].lower() in "aeiou" else "a"
+    text = str(folder or "").strip()
+    if not text or text == ".":
+        raise UnusableModelFolder(f"Choose a trained {title} model folder ({trainHint}).")
+    path = Path(text)
+    if not path.is_dir():
+        raise UnusableModelFolder(f"The model folder {path} does not exist.")
+    configPath = path / CONFIG
+    if not configPath.is_file():
+        raise UnusableModelFolder(f"{path} is not a model folder (no {CONFIG}); {trainHint}.")
+    try:
+        config = json.loads(configPath.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise UnusableModelFolder(f"{configPath}: unreadable ({error}).") from None
+    if not isinstance(config, dict) or config.get("format") not in (MODEL_FORMAT, LEGACY_FORMAT):
+        raise UnusableModelFolder(f"{configPath}: not an atlasseg model configuration.")
+    found = configMethod(config)
+    if found != method:
+        raise UnusableModelFolder(f"{path} holds {methodModelDescription(found)}, not {label} {title} model.")
+    if config.get("version") != MODEL_VERSION:
+        raise UnusableModelFolder(f"{configPath}: {MODEL_FORMAT} version {config.get('version')} is not supported "
+                                  f"(this engine reads version {MODEL_VERSION}).")
+    return path, config
+
+
 def _readJson(path: Path) -> dict:
     try:
         value = json.loads(path.read_text())
@@ -195,10 +264,17 @@ def _number(text) -> float:
         return math.nan
 
 
+def _logValue(entry: dict, names: Sequence[str]) -> float:
+    """The first of the log columns ``names`` that the log has, as a number (NaN when none)."""
+    return _number(next((entry[name] for name in names if name in entry), None))
+
+
 def readTrainingHistory(folder: str | Path, method: str = "") -> list[dict]:
     """The rows of the table: ``epoch``, ``training loss``, ``validation Dice`` (NaN where not validated), and for
-    AtlasNet ``network`` and ``network epoch``, ``epoch`` then counting over the networks in training order."""
+    AtlasNet ``network`` and ``network epoch``, ``epoch`` then counting over the networks in training order;
+    DeepAtlas: one row per logged step (see :data:`LOG_COLUMNS`), with ``F_S loss`` and ``F_R validation Dice``."""
     rows = []
+    extra = [pair for pair in METHOD_LOG_COLUMNS.get(method, ()) if isinstance(pair, tuple)]
     for network, path in enumerate(_logFiles(Path(folder), method)):
         try:
             with open(path, newline="", encoding="utf-8") as handle:
@@ -206,8 +282,8 @@ def readTrainingHistory(folder: str | Path, method: str = "") -> list[dict]:
         except (OSError, csv.Error, UnicodeDecodeError):
             continue
         for entry in entries:
-            row = {EPOCH: _number(entry.get("epoch")), LOSS: _number(entry.get("train_loss")),
-                   DICE: _number(entry.get("val_dice"))}
+            row = {column: _logValue(entry, names) for column, names in LOG_COLUMNS.items()}
+            row.update({column: _number(entry.get(name)) for column, name in extra})
             if method == "atlasnet":
                 row.update({EPOCH: float(len(rows) + 1), NETWORK: float(network + 1), NETWORK_EPOCH: row[EPOCH]})
             rows.append(row)
@@ -251,7 +327,9 @@ def inspectModelFolder(folder: str | Path | None) -> ModelFolderState:
     else:
         training = config.get("training") if isinstance(config.get("training"), dict) else {}
         planned = (training.get("config") or {}).get("epochs") if isinstance(training.get("config"), dict) else None
-        finished = planned is not None and training.get("epochs_completed") == planned
+        schedule = training.get("schedule") if isinstance(training.get("schedule"), dict) else {}
+        finished = (planned is not None and training.get("epochs_completed") == planned) or (
+            "steps_total" in schedule and schedule.get("steps_completed") == schedule["steps_total"])   # DeepAtlas
     checkpoints = (path / CHECKPOINT).is_file() or any((p / CHECKPOINT).is_file() for p in _networkFolders(path))
     if checkpoints:
         kind = "run"
@@ -276,7 +354,8 @@ class TrainingCurves:
 
     def __init__(self, scene, title: str, method: str):
         self.scene, self.title, self.method = scene, title, method
-        self.columns = [EPOCH, LOSS, DICE] + ([NETWORK, NETWORK_EPOCH] if method == "atlasnet" else [])
+        self.columns = [EPOCH, LOSS, DICE] + [column if isinstance(column, str) else column[0]
+                                              for column in METHOD_LOG_COLUMNS.get(method, ())]
         self.folderItemID = createFolder(scene, title)
         self.table = scene.AddNewNodeByClass("vtkMRMLTableNode", f"{title} table")
         import vtk
@@ -287,7 +366,8 @@ class TrainingCurves:
             self.table.GetTable().AddColumn(column)
         self.chart = scene.AddNewNodeByClass("vtkMRMLPlotChartNode", f"{title} chart")
         self.chart.SetTitle(title)
-        self.chart.SetXAxisTitle("epoch" if method != "atlasnet" else "epoch (networks one after the other)")
+        self.chart.SetXAxisTitle({"atlasnet": "epoch (networks one after the other)",
+                                  "deepatlas": "step"}.get(method, "epoch"))
         self.chart.SetYAxisTitle("loss / Dice")
         self.chart.SetLegendVisibility(True)
         self.lossSeries = self._series(LOSS, LOSS_COLOR)

@@ -44,6 +44,7 @@ from AtlasSegLib.modulebase import (  # noqa: E402
     AtlasSegWidget,
     TrainingParameters,
 )
+from AtlasSegLib.sampledata import modelOffer, registerSampleData  # noqa: E402
 
 # what the panel's choices are called on screen (the engine's names are the combo boxes' data)
 BACKEND_LABELS = {"torch": "Built-in (PyTorch; GPU when present)", "greedy": "Greedy (PICSL; CPU)"}
@@ -62,7 +63,14 @@ class DeepLabelFusion(AtlasSegModule):
         "subject-hierarchy folder per run; the segmentation can instead overwrite an existing one. "
         "See the <a href='https://github.com/atlasseg/SlicerAtlasSeg'>documentation</a>.")
     moduleAcknowledgementText = (
-        "Joint label fusion after Wang & Yushkevich (2013); Deep Label Fusion after Xie et al. (MedIA 2023).")
+        "Joint label fusion after Wang & Yushkevich (2013); Deep Label Fusion after Xie et al. (MedIA 2023). "
+        "Sample data: Medical Segmentation Decathlon Task04 Hippocampus (CC BY-SA 4.0; Simpson et al. 2019, "
+        "Antonelli et al. 2022).")
+
+    def __init__(self, parent):
+        super().__init__(parent)
+        # the sample atlas set in Sample Data, once the application (and Sample Data) has started
+        slicer.app.connect("startupCompleted()", lambda: registerSampleData("DeepLabelFusion"))
 
 
 @parameterNodeWrapper
@@ -129,7 +137,9 @@ class DeepLabelFusionWidget(AtlasSegWidget):
         self.ui.atlasFolderRadioButton.blockSignals(False)
         self.ui.atlasFolderWidget.visible = not p.atlasesFromScene
         self.ui.atlasPairsWidget.visible = p.atlasesFromScene
-        self.ui.methodNoteLabel.text = methodDescription(p.method)
+        # a method that needs a model says so under it, and which shipped model Apply uses when none is chosen
+        notes = (methodDescription(p.method), self._modelOffer(p).message)
+        self.ui.methodNoteLabel.text = " ".join(note for note in notes if note)
         self.ui.modelFolderLabel.visible = self.ui.modelFolderPathLineEdit.visible = p.method == "dlf"
         self.ui.jlfGroupBox.enabled = p.method == "jlf"
         self._updateModalityLabels()
@@ -197,9 +207,14 @@ class DeepLabelFusionWidget(AtlasSegWidget):
         return FusionInputs(p.targetVolume, extra, "" if p.atlasesFromScene else pathText(p.atlasFolder), pairs,
                             p.referenceSegmentation, p.outputSegmentation)
 
+    @staticmethod
+    def _modelOffer(p):
+        return modelOffer(p.method, pathText(p.modelFolder), needsModel=p.method == "dlf")
+
     def settings(self) -> FusionSettings:
         p = self._parameterNode
-        return FusionSettings(p.method, p.nAtlases, p.backend, p.preset, p.device, pathText(p.modelFolder),
+        modelFolder = pathText(p.modelFolder) or self._modelOffer(p).folder
+        return FusionSettings(p.method, p.nAtlases, p.backend, p.preset, p.device, modelFolder,
                               p.jlfAlpha, p.jlfBeta, p.jlfPatchRadius, p.jlfSearchRadius, p.seed,
                               weightMaps=p.weightMaps, show3D=p.show3D)
 

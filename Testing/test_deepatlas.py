@@ -389,7 +389,8 @@ def test_geometry_is_exact_on_each_case_own_grid(tmp_path):
 
     grid = load_common_grid(loaded)
     assert grid.geometry == bundle_grid.geometry
-    a_x, a_y = grid.prealign([[image_x], [image_y]], "torch", "cpu")
+    # one case per pre-alignment, as the learned backend does (a batched registration may end elsewhere)
+    (a_x,), (a_y,) = (grid.prealign([[image]], "torch", "cpu") for image in (image_x, image_y))
     expected = affine_field(a_y @ np.linalg.inv(a_x), gx)
     assert float((regs[0].forward.field - expected.field).abs().max()) < 1e-3
     back = compose(regs[0].inverse, regs[0].forward)               # x -> atlas -> x
@@ -400,7 +401,9 @@ def test_geometry_is_exact_on_each_case_own_grid(tmp_path):
     assert inside.float().mean() > 0.5
     assert float(back.field.reshape(3, -1)[:, inside].norm(dim=0).max()) < 1e-3
 
-    # to the common grid and back: one-hot labels linearly, background outside
+    # to the common grid and back: one-hot labels linearly, background outside (through the batched pre-alignment,
+    # as training's registration cache computes it)
+    a_x = grid.prealign([[image_x], [image_y]], "torch", "cpu")[0]
     onehot = torch.nn.functional.one_hot(lab, 5).permute(3, 0, 1, 2).float()
     there = to_common_grid(onehot, gx, a_x, grid.geometry)
     there[0] += 1.0 - to_common_grid(torch.ones_like(onehot[:1]), gx, a_x, grid.geometry)[0]
@@ -446,6 +449,35 @@ def test_test_time_optimisation_improves_the_identity_network(phantom_set, tmp_p
     optimised, forward = dice(40)
     assert optimised > affine_only + 0.03, (affine_only, optimised)
     assert jacobian_stats(field_jacobian_determinant(forward))["folding_percent"] < 0.5
+
+
+def test_atlas_prealignments_are_computed_once_across_targets(phantom_set, tmp_path, monkeypatch):
+    """The learned backend pre-aligns each atlas once per model reference, not once per target; reusing the
+    cached affines gives the same fields as computing them afresh."""
+    from atlasseg.deepatlas import inference
+
+    folder = identity_model(tmp_path / "identity", phantom_set.load("phantom_005").images[0])
+    atlases = [phantom_set.load(i).images for i in ("phantom_002", "phantom_003")]
+    targets = [phantom_set.load(i).images for i in ("phantom_000", "phantom_001")]
+    calls = []
+    prealign = CommonGrid.prealign
+
+    def counting(self, cases, *args, **kwargs):
+        calls.append(len(cases))
+        return prealign(self, cases, *args, **kwargs)
+
+    monkeypatch.setattr(CommonGrid, "prealign", counting)
+    inference.clear_prealignment_cache()
+    register_learned(targets[0], atlases, folder, "cpu")
+    cached = register_learned(targets[1], atlases, folder, "cpu")
+    assert calls == [1, 1, 1, 1]    # the second target alone: its atlases come from the cache
+    register_learned(targets[1], atlases, folder, "cpu")
+    assert len(calls) == 4          # nothing new at all
+    inference.clear_prealignment_cache()
+    fresh = register_learned(targets[1], atlases, folder, "cpu")
+    assert len(calls) == 7
+    for (f1, i1), (f2, i2) in zip(cached, fresh):
+        assert torch.equal(f1.field, f2.field) and torch.equal(i1.field, i2.field)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -589,6 +621,35 @@ def test_register_command_writes_warped_images_fields_and_jacobian(trained, phan
     assert "config.json" in capsys.readouterr().err
     assert main(args) == 2                                              # the output exists
     assert "--overwrite" in capsys.readouterr().err
+
+
+def test_register_command_with_an_iterative_backend(phantom_set, tmp_path, capsys):
+    """No model: the engine's torch backend, same outputs; its warped label beats the unregistered one (the
+    phantoms differ by a known smooth deformation)."""
+    fixed_case, moving_case = phantom_set.case("phantom_000"), phantom_set.case("phantom_004")
+    out = tmp_path / "reg"
+    assert main(["register", "--fixed", str(fixed_case.images[0]), "--moving", str(moving_case.images[0]),
+                 "--moving-label", str(moving_case.label), "--output", str(out), "--device", "cpu", "--quiet",
+                 "--preset", "fast"]) == 0
+    run = json.loads((out / "run.json").read_text())
+    assert run["registration"] == {"backend": "torch", "preset": "fast"} and "model" not in run
+    fixed = sitk.ReadImage(str(fixed_case.images[0]))
+    assert Geometry.of(sitk.ReadImage(str(out / "warped_label.nii.gz"))) == Geometry.of(fixed)
+    fixed_label = torch.as_tensor(sitk.GetArrayFromImage(sitk.ReadImage(str(fixed_case.label))).astype(np.int64))
+    warped = torch.as_tensor(sitk.GetArrayFromImage(sitk.ReadImage(str(out / "warped_label.nii.gz"))).astype(
+        np.int64))
+    unregistered = sitk.Resample(sitk.ReadImage(str(moving_case.label)), fixed, sitk.Transform(),
+                                 sitk.sitkNearestNeighbor)
+    before = np.mean(dice_per_label(torch.as_tensor(sitk.GetArrayFromImage(unregistered).astype(np.int64)),
+                                    fixed_label, 5))
+    assert np.mean(dice_per_label(warped, fixed_label, 5)) > before + 0.05
+    capsys.readouterr()
+    base = ["register", "--fixed", str(fixed_case.images[0]), "--moving", str(moving_case.images[0])]
+    assert main([*base, "--backend", "learned", "--output", str(tmp_path / "r1")]) == 2
+    assert "needs --model" in capsys.readouterr().err
+    assert main([*base, "--backend", "torch", "--iterations", "3", "--output", str(tmp_path / "r2")]) == 2
+    assert "belong to the learned backend" in capsys.readouterr().err
+    assert not (tmp_path / "r1").exists() and not (tmp_path / "r2").exists()
 
 
 def test_damaged_or_mismatched_model_folders_fail_clearly(trained, tmp_path):

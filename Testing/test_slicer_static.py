@@ -204,7 +204,9 @@ def test_deep_label_fusion_panel_sections_and_widgets():
     assert ui_ancestors(path, "methodNoteLabel")[0] == "settingsCollapsibleButton"
     assert not collapsed_section("methodNoteLabel")
     code = (REPO / "DeepLabelFusion" / "DeepLabelFusion.py").read_text()
-    assert "self.ui.methodNoteLabel.text = methodDescription(p.method)" in code
+    # the visible note under the method: its description, and the shipped model Apply uses when none is chosen
+    assert "methodDescription(p.method), self._modelOffer(p).message" in code
+    assert "self.ui.methodNoteLabel.text = " in code
     assert "class DeepLabelFusionWidget(AtlasSegWidget)" in code   # the shared panel code runs its Apply part
     code += shared_panel_code()
     for call in ("self.logic.onSceneStartClose()", "self.logic.cancelActiveRuns()", "self._run.requestCancel()",

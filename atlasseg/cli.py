@@ -48,7 +48,7 @@ PRESETS = REGISTRATION_PRESETS
 REGISTRATION_DEFAULTS = {"backend": DEFAULT_BACKEND, "preset": DEFAULT_PRESET}
 MAX_DEFAULT_THREADS = 4
 BENCHMARK_SUITES = ("hippocampus", "fetal", "dlf-hippocampus", "dlf-fetal-sb", "dlf-generalise", "backbones",
-                    "instances", "atlasnet", "atlasnet-fetal-sb")
+                    "instances", "atlasnet", "atlasnet-fetal-sb", "deepatlas")
 ARCH_PREFIX = ""      # architecture flags keep their field names (--vote-channels, --backbone, ...)
 # flags of the former dlf-train command, kept working: flag -> (destination field, value or None for "given")
 LEGACY_TRAIN_FLAGS = {"--lr": ("learning_rate", float), "--candidates": ("candidates_per_target", int)}
@@ -193,11 +193,14 @@ def _parser(train_method: str | None = None) -> argparse.ArgumentParser:
         _add_threads_arg(p)
 
     p = sub.add_parser("register", help="register a moving image to a fixed one with a DeepAtlas model's "
-                                        "registration network")
+                                        "registration network (or an iterative backend)")
     p.add_argument("--fixed", nargs="+", required=True, help="fixed image(s), one per modality")
     p.add_argument("--moving", nargs="+", required=True, help="moving image(s), one per modality")
     p.add_argument("--moving-label", help="label image of the moving image (warped onto the fixed grid)")
-    p.add_argument("--model", required=True, help="DeepAtlas model folder (atlasseg train --method deepatlas)")
+    p.add_argument("--model", help="DeepAtlas model folder (atlasseg train --method deepatlas): the learned backend")
+    p.add_argument("--backend", choices=("learned", *BACKENDS), default=None,
+                   help="learned (default with --model: the model's registration network), or an iterative "
+                        "backend: torch (default without --model) or greedy")
     p.add_argument("--output", required=True, help="output folder: warped_moving.nii.gz, warped_label.nii.gz, "
                                                     "transform_forward/_inverse.nii.gz (ITK displacement fields), "
                                                     "jacobian_determinant.nii.gz, run.json")
@@ -238,13 +241,21 @@ def _parser(train_method: str | None = None) -> argparse.ArgumentParser:
     p.add_argument("--ablations", choices=("retrain", "switch-off", "none"), default="retrain",
                    help="dlf suites: train each ablation (paper), switch parts off in the trained DLF, or only "
                         "DLF and the plain U-Net")
-    p.add_argument("--reduced", action="store_true", help="dlf and atlasnet suites: tiny networks and patches "
-                                                          "(smoke test)")
+    p.add_argument("--reduced", action="store_true", help="dlf, atlasnet and deepatlas suites: tiny networks "
+                                                          "and patches (smoke test)")
     p.add_argument("--train-data", help="dlf-generalise: atlas set to train on (its cases are the atlases)")
     p.add_argument("--test-data", help="dlf-generalise: atlas set whose cases are the test targets")
-    p.add_argument("--steps", type=int, default=None, help="atlasnet suites: optimisation steps per network "
+    p.add_argument("--steps", type=int, default=None, help="atlasnet suites: optimisation steps per network; "
+                                                           "deepatlas: DeepAtlas's steps, the schedule scaled "
                                                            "(default: the suite's, sized for 2 CPU cores)")
     p.add_argument("--backbone", default=None, help="atlasnet suites: every network's backbone (default unet)")
+    p.add_argument("--labelled-counts", type=int, nargs="+", default=None,
+                   help="deepatlas: labelled pool cases per configuration (default 1 5 16)")
+    p.add_argument("--pairs", type=int, default=None, help="deepatlas: test pairs to register (default 200)")
+    p.add_argument("--pipeline-targets", type=int, default=None,
+                   help="deepatlas: targets of the multi-atlas pipeline comparison (default: every test target)")
+    p.add_argument("--accurate", action="store_true",
+                   help="deepatlas: also the learned backend's accurate preset (test-time optimisation; slow on CPU)")
 
     p = sub.add_parser("demo", help="run every fusion method on a phantom (or --data) and write a PNG")
     p.add_argument("--data", help="a real atlas set folder instead of the generated phantoms")
@@ -253,6 +264,14 @@ def _parser(train_method: str | None = None) -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--quiet", action="store_true")
     _add_registration_args(p)
+
+    p = sub.add_parser("sample-data", help="build the sample atlas set: 10 hippocampus atlases and 2 targets of the "
+                                           "Medical Segmentation Decathlon (CC BY-SA 4.0)")
+    p.add_argument("--from", dest="source", metavar="PATH_OR_TAR",
+                   help="a downloaded Task04_Hippocampus.tar (checked by MD5) or a Decathlon hippocampus folder "
+                        "(default: download the archive)")
+    p.add_argument("--output", help="the sample folder to build (default: ~/.cache/atlasseg/hippocampus-sample)")
+    p.add_argument("--quiet", action="store_true")
     return parser
 
 
@@ -563,15 +582,21 @@ def _save_run(args, result, staging: Path, inputs_s: float, started: float, fiel
 
 
 def _register(args) -> int:
-    """``atlasseg register``: one moving image onto one fixed image with a DeepAtlas model's registration network
-    (checked before any work; the output folder is written whole, as for ``segment``)."""
+    """``atlasseg register``: one moving image onto one fixed image with a DeepAtlas model's registration network,
+    or with an iterative backend (checked before any work; the output folder is written whole, as for
+    ``segment``)."""
     started = time.perf_counter()
     for what, paths in (("fixed", args.fixed), ("moving", args.moving),
                         ("moving label", [args.moving_label] if args.moving_label else [])):
         for path in paths:
             if not Path(path).is_file():
                 raise ValueError(f"{path}: {what} image {'is a folder' if Path(path).is_dir() else 'not found'}")
-    if not Path(args.model).is_dir():
+    backend = args.backend or ("learned" if args.model else DEFAULT_BACKEND)
+    if backend == "learned" and not args.model:
+        raise ValueError("--backend learned needs --model (a DeepAtlas model folder)")
+    if backend != "learned" and (args.model or args.iterations is not None):
+        raise ValueError(f"--backend {backend}: --model and --iterations belong to the learned backend")
+    if args.model and not Path(args.model).is_dir():
         raise ValueError(f"{args.model}: model folder not found")
     if args.iterations is not None and args.iterations < 0:
         raise ValueError(f"--iterations {args.iterations}: must be 0 or more")
@@ -592,12 +617,13 @@ def _register(args) -> int:
             if args.moving_label:
                 label = read_label(Path(args.moving_label))
                 check_same_grid(moving[0], args.moving[0], label, args.moving_label)
-            bundle = check_registration_model(args.model, None, len(fixed))
+            bundle = check_registration_model(args.model, None, len(fixed)) if args.model else None
             inputs_s = time.perf_counter() - started
             if not args.quiet:
-                print(f"registering {args.moving[0]} to {args.fixed[0]} with {args.model}", file=sys.stderr)
+                print(f"registering {args.moving[0]} to {args.fixed[0]} with {args.model or backend}",
+                      file=sys.stderr)
             result = register_pair(fixed, moving, bundle, label, device, args.preset or DEFAULT_PRESET,
-                                   args.iterations)
+                                   args.iterations, backend)
             result.timings = {"inputs": inputs_s, **result.timings}
             result.save(staging)
             amend_run_record(staging, {"threads": threads, "device": device,
@@ -649,6 +675,25 @@ def _demo(args) -> int:
     with _torch_threads(args.threads):
         run_demo(args.output, data=args.data, n_atlases=n, device=args.device, seed=args.seed,
                  show_progress=not args.quiet, **given)
+    return 0
+
+
+def _sample_data(args) -> int:
+    """Build (or find intact) the sample folder; print where it is and how to segment a target with it."""
+    from .sampledata import ensure_sample_set, read_sample_folder
+
+    def progress(fraction: float, message: str) -> None:
+        print(f"[{fraction:4.0%}] {message}", flush=True)
+
+    folder = read_sample_folder(ensure_sample_set(args.output, args.source, progress=None if args.quiet else progress))
+    print(f"atlas folder: {folder.atlas_folder}")
+    for target in folder.targets:
+        print(f"target {target.case_id}: {target.image} (reference labels: {target.label})")
+    print(f"data: {folder.attribution}")
+    if folder.targets:
+        first = folder.targets[0]
+        print(f"try: atlasseg segment --target {first.image} --atlases {folder.atlas_folder} --reference "
+              f"{first.label} --output sample_output")
     return 0
 
 
@@ -719,6 +764,10 @@ def _benchmark(args) -> int:
             from .benchmarks.backbones import run_backbones_benchmark
 
             run_backbones_benchmark(args)
+        elif args.suite == "deepatlas":
+            from .benchmarks.deepatlas import run_deepatlas_benchmark
+
+            run_deepatlas_benchmark(args)
         elif args.suite.startswith("atlasnet"):
             from .benchmarks.atlasnet import run_atlasnet_benchmark
 
@@ -815,6 +864,7 @@ def _main(argv: list[str]) -> int:
         args.method = method
     handlers = {"segment": _segment, "register": _register, "evaluate": _evaluate, "demo": _demo,
                 "benchmark": _benchmark,
+                "sample-data": _sample_data,
                 "train": _train, "dlf-train": _train}
     try:
         return handlers[args.command](args)

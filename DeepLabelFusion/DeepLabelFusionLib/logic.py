@@ -16,7 +16,7 @@ import SimpleITK as sitk
 
 from AtlasSegLib.engine import DEVICES, EngineError, engineEnvironment, engineRegistry, findEngineRoot
 from AtlasSegLib.geometry import GeometryError
-from AtlasSegLib.inputs import segmentationToLabelImage, writeReference, writeVolume
+from AtlasSegLib.inputs import segmentationToLabelImage, segmentLabels, writeReference, writeVolume
 from AtlasSegLib.results import (
     MAP_KIND_ATTRIBUTE,
     MAP_STYLES,
@@ -204,7 +204,7 @@ class FusionLogic(TrainingLogic):
 
     def _writeSceneAtlases(self, pairs: Sequence, folder: Path):
         """Atlas (image, segmentation) node pairs -> a Decathlon folder; labels named after the segments."""
-        labels, colors = _sceneAtlasLabels(pairs)
+        labels, colors = segmentLabels([segmentation for _, segmentation in pairs])
         colorTable = newColorTable(self.scene, "AtlasSeg scene atlas labels", labels, colors)
         (folder / "imagesTr").mkdir(parents=True, exist_ok=True)
         (folder / "labelsTr").mkdir(parents=True, exist_ok=True)
@@ -266,20 +266,6 @@ class FusionLogic(TrainingLogic):
                 result.weightMaps[atlasId] = outputs.loadMap(key, f"weights {atlasId}", "weights", weightsFolder)
         result.agreement = outputs.loadMap("agreement", "atlas agreement", "agreement", result.folderItemID)
         result.oracle = outputs.loadMap("oracle", "oracle coverage", "oracle", result.folderItemID)
-
-
-def _sceneAtlasLabels(pairs: Sequence) -> tuple[dict[int, str], dict[int, tuple[float, float, float]]]:
-    """Label values numbered by first appearance of each segment name; colours of that first segment."""
-    names: list[str] = []
-    colors: dict[int, tuple[float, float, float]] = {}
-    for _, segmentationNode in pairs:
-        segmentation = segmentationNode.GetSegmentation()
-        for k in range(segmentation.GetNumberOfSegments()):
-            segment = segmentation.GetNthSegment(k)
-            if segment.GetName() not in names:
-                names.append(segment.GetName())
-                colors[len(names)] = tuple(segment.GetColor())
-    return {0: "background", **{k + 1: name for k, name in enumerate(names)}}, colors
 
 
 def _readDataset(folder: str | Path) -> dict:

@@ -54,3 +54,24 @@ def fetal_groups(atlas_set: AtlasSet) -> tuple[list[str], list[str]]:
     if not operated or not not_operated:
         raise AtlasSetError(f"{atlas_set.root}: expected *_operated and *_notoperated cases (fetal-sb)")
     return operated, not_operated
+
+
+def nested_labelled_subsets(candidates: Sequence[str], counts: Sequence[int], seed: int = 0) -> dict[int, list[str]]:
+    """Labelled subsets of ``candidates`` for few-label training (DeepAtlas): one seeded permutation of the sorted
+    candidates, the first ``n`` of it for each count, so every smaller subset lies in the larger ones (the label
+    budgets differ only by the cases added)."""
+    ids = sorted(candidates)
+    if max(counts) > len(ids):
+        raise ValueError(f"{max(counts)} labelled cases asked for, only {len(ids)} candidates")
+    order = [str(x) for x in np.random.default_rng([seed, 1]).permutation(ids)]
+    return {int(n): sorted(order[:n]) for n in counts}
+
+
+def registration_pairs_of(targets: Sequence[str], n: int = 200, seed: int = 0) -> list[tuple[str, str]]:
+    """``n`` ordered (moving, fixed) pairs of distinct targets drawn once with ``seed`` (all pairs when fewer),
+    in a fixed order: the pairwise registration protocol."""
+    ids = sorted(targets)
+    pairs = [(m, f) for m in ids for f in ids if m != f]
+    if n >= len(pairs):
+        return pairs
+    return [pairs[k] for k in sorted(np.random.default_rng([seed, 2]).choice(len(pairs), n, replace=False))]

@@ -74,3 +74,18 @@ def update_markdown(path: Path, key: str, title: str, body: str) -> None:
     pattern = re.compile(rf"<!-- {key}:start -->.*?<!-- {key}:end -->", re.S)
     text = pattern.sub(lambda _: block, text) if pattern.search(text) else text.rstrip() + "\n\n" + block + "\n"
     path.write_text(text)
+
+
+def mean_se(values: Sequence[float]) -> tuple[float, float]:
+    """Mean and standard error of the finite values (NaN when there are none; SE NaN for one value)."""
+    v = np.asarray(values, dtype=float)
+    v = v[np.isfinite(v)]
+    if not len(v):
+        return float("nan"), float("nan")
+    return float(v.mean()), float(np.std(v, ddof=1) / np.sqrt(len(v))) if len(v) > 1 else float("nan")
+
+
+def target_status(ok: bool | None) -> str:
+    """A target's column from the numbers: ``met``, ``NOT met``, or ``not measured`` (None: a peer was skipped or
+    a number is NaN)."""
+    return "not measured" if ok is None else ("met" if ok else "NOT met")

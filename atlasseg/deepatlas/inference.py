@@ -17,9 +17,11 @@ objective: similarity, regulariser and, with F_S's predictions or given labels, 
 
 from __future__ import annotations
 
+import hashlib
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 
 import numpy as np
@@ -42,8 +44,9 @@ from .grid import CommonGrid, labels_to_common_grid, sample_on, to_case_grid, to
 from .model import DeepAtlasModel, load_common_grid
 from .objective import Objective, PairBatch
 
-__all__ = ["LEARNED_PRESETS", "DeepAtlasResult", "PairRegistration", "check_registration_model", "load_deepatlas",
-           "register_learned", "register_pair", "segment_deepatlas", "segment_method"]
+__all__ = ["LEARNED_PRESETS", "DeepAtlasResult", "PairRegistration", "check_registration_model",
+           "clear_prealignment_cache", "load_deepatlas", "prealign_cached", "register_learned", "register_pair",
+           "segment_deepatlas", "segment_method"]
 
 # test-time optimisation iterations per preset of the learned backend (None: the affine pre-alignment alone)
 LEARNED_PRESETS = {"fast": 0, "default": 0, "accurate": 50, "affine": None}
@@ -66,6 +69,10 @@ class DeepAtlasModelBundle:
     @property
     def training(self) -> dict:
         return (self.loaded.config.get("training") or {}).get("config") or {}
+
+    @cached_property
+    def grid_key(self) -> str:
+        return self.grid.key()
 
 
 _LOADED: dict[tuple, DeepAtlasModelBundle] = {}
@@ -114,6 +121,43 @@ def _channels(images) -> list[sitk.Image]:
 
 
 # ---------------------------------------------------------------------------------------------------------------
+# pre-alignments, cached in memory: a multi-atlas run registers its atlases to the model's reference once, not once
+# per target (most of the learned backend's time per target otherwise)
+
+_PREALIGNED: dict[tuple, np.ndarray] = {}
+PREALIGN_CACHE_SIZE = 4096          # 4x4 matrices: a few hundred kB at most
+
+
+def _image_digest(channels: Sequence[sitk.Image]) -> str:
+    """Content key of an image: its grid and every channel's voxels."""
+    digest = hashlib.sha256(repr(Geometry.of(channels[0]).to_dict()).encode())
+    for image in channels:
+        digest.update(str(image.GetPixelID()).encode())
+        digest.update(sitk.GetArrayViewFromImage(image).tobytes())
+    return digest.hexdigest()
+
+
+def prealign_cached(bundle: DeepAtlasModelBundle, cases: Sequence[Sequence[sitk.Image]],
+                    device: str | torch.device) -> list[np.ndarray]:
+    """Per case (its channel images) the affine pre-alignment to the model's reference (common point -> case
+    point), computed for the cases not seen before with the same reference, backend and device. One case per
+    registration: a batched one differs in the last float digits with its batch, and a result must not depend on
+    which images were registered before."""
+    dev = str(resolve_device(device))
+    keys = [(bundle.grid_key, bundle.backend, dev, _image_digest(c)) for c in cases]
+    for key, case in zip(keys, cases):
+        if key not in _PREALIGNED:
+            if len(_PREALIGNED) >= PREALIGN_CACHE_SIZE:
+                _PREALIGNED.pop(next(iter(_PREALIGNED)))        # the oldest entry
+            _PREALIGNED[key] = bundle.grid.prealign([case], bundle.backend, dev)[0]
+    return [_PREALIGNED[k].copy() for k in keys]
+
+
+def clear_prealignment_cache() -> None:
+    _PREALIGNED.clear()
+
+
+# ---------------------------------------------------------------------------------------------------------------
 # segmentation with F_S
 
 
@@ -132,7 +176,7 @@ def predict_segmentation(bundle: DeepAtlasModelBundle, target: Sequence[sitk.Ima
     dev = resolve_device(device)
     geometry = Geometry.of(target[0])
     t0 = time.perf_counter()
-    affine = bundle.grid.prealign([target], bundle.backend, dev)[0]
+    affine = prealign_cached(bundle, [target], dev)[0]
     t1 = time.perf_counter()
     image = to_common_grid(normalized_tensor(target, dev), geometry, affine, bundle.grid.geometry)
     model = bundle.model.to(dev).eval()
@@ -247,7 +291,7 @@ def register_learned(target: sitk.Image | Sequence[sitk.Image],
     grid = bundle.grid
     report = progress or (lambda fraction, message: None)
     report(0.0, "affine pre-alignment to the model's reference")
-    affines = grid.prealign([target, *atlases], bundle.backend, dev)
+    affines = prealign_cached(bundle, [target, *atlases], dev)
     target_geometry = Geometry.of(target[0])
     atlas_geometries = [Geometry.of(a[0]) for a in atlases]
     if LEARNED_PRESETS[preset] is None and iterations is None:      # the affine pre-alignment alone
@@ -329,25 +373,41 @@ class PairRegistration:
         written["jacobian_determinant"] = str(write_image(tensor_to_image(self.jacobian, self.geometry),
                                                           out / "jacobian_determinant.nii.gz"))
         timings = {**self.timings, "saving": time.perf_counter() - t0}
-        write_run_record(out, {"method": "deepatlas", "command": "register", "model": self.model_folder,
-                               "registration": {"backend": "learned", **self.settings},
+        learned = self.registration.backend == "learned"
+        model = {"method": "deepatlas", "model": self.model_folder} if learned else {}
+        write_run_record(out, {**model, "command": "register",
+                               "registration": {"backend": self.registration.backend, **self.settings},
                                "jacobian": self.jacobian_stats, "timings_s": timings, "files": written})
         return written
 
 
-def register_pair(fixed: sitk.Image | Sequence[sitk.Image], moving: sitk.Image | Sequence[sitk.Image], model,
+def register_pair(fixed: sitk.Image | Sequence[sitk.Image], moving: sitk.Image | Sequence[sitk.Image], model=None,
                   moving_label: sitk.Image | None = None, device: str = "auto", preset: str = "default",
-                  iterations: int | None = None) -> PairRegistration:
-    """Register one moving image to a fixed one with a DeepAtlas model (see :func:`register_learned`)."""
+                  iterations: int | None = None, backend: str = "learned") -> PairRegistration:
+    """Register one moving image to a fixed one: with a DeepAtlas model (``backend="learned"``, see
+    :func:`register_learned`) or, for comparison and where no model fits, with an iterative backend of the engine
+    (``"torch"`` or ``"greedy"``; ``model`` and ``iterations`` unused). Same outputs either way."""
+    from ..methods import BACKENDS as ITERATIVE_BACKENDS
+    from ..registration import register
+
+    if backend != "learned" and backend not in ITERATIVE_BACKENDS:
+        raise ValueError(f"unknown registration backend {backend!r}: learned, {', '.join(ITERATIVE_BACKENDS)}")
+    if backend == "learned" and model is None:
+        raise ValueError("the learned backend needs a DeepAtlas model folder")
     t0 = time.perf_counter()
-    bundle = load_deepatlas(model)
+    bundle = load_deepatlas(model) if backend == "learned" else None
     fixed, moving = _channels(fixed), _channels(moving)
     dev = resolve_device(device)
     t1 = time.perf_counter()
-    (forward, inverse), = register_learned(fixed, [moving], bundle, dev, preset, iterations,
-                                           atlas_labels=[moving_label] if moving_label is not None else None)
+    if bundle is not None:
+        (forward, inverse), = register_learned(fixed, [moving], bundle, dev, preset, iterations,
+                                               atlas_labels=[moving_label] if moving_label is not None else None)
+        reg = Registration(forward, inverse, "learned", time.perf_counter() - t1)
+        settings = {"preset": preset, "iterations": LEARNED_PRESETS[preset] if iterations is None else int(iterations)}
+    else:
+        reg, = register(fixed, [moving], backend, dev, preset)
+        forward, settings = reg.forward, {"preset": preset}
     t2 = time.perf_counter()
-    reg = Registration(forward, inverse, "learned", t2 - t1)
     geometry = Geometry.of(fixed[0])
     moving_geometry = Geometry.of(moving[0])
     fwd = forward.to(dev)
@@ -356,7 +416,6 @@ def register_pair(fixed: sitk.Image | Sequence[sitk.Image], moving: sitk.Image |
     if moving_label is not None:
         warped_label = warp_labels(labels_to_tensor(moving_label).to(dev), moving_geometry, fwd).cpu()
     jac = field_jacobian_determinant(forward)
-    n_iter = LEARNED_PRESETS[preset] if iterations is None else int(iterations)
-    return PairRegistration(reg, geometry, warped, warped_label, jac, jacobian_stats(jac), str(bundle.loaded.folder),
-                            {"preset": preset, "iterations": n_iter},
+    return PairRegistration(reg, geometry, warped, warped_label, jac, jacobian_stats(jac),
+                            str(bundle.loaded.folder) if bundle is not None else "", settings,
                             {"load": t1 - t0, "registration": t2 - t1, "warp": time.perf_counter() - t2})
