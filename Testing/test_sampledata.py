@@ -339,3 +339,24 @@ def test_a_packaged_model_records_its_provenance_loads_and_is_offered(tmp_path):
     nothing = modelOffer("dlf", "", needsModel=False, engineRoot=tmp_path)
     assert nothing == modelOffer("atlasnet", "", engineRoot=tmp_path) and nothing.folder == nothing.message == ""
     assert modelOffer("dlf", "", engineRoot=tmp_path / "empty").message == ""
+
+
+def test_the_shipped_hippocampus_model_loads_records_its_origin_and_segments_the_sample(tmp_path):
+    """The model under Resources/Models is a complete DLF model with its provenance; on the real sample set (where
+    ../shared is present) it segments a held-out target as the benchmark's DLF row does (Dice > 0.85)."""
+    from atlasseg.model_io import load_model
+
+    (model,) = [m for m in shipped_models(REPO) if m.name == "dlf-hippocampus"]
+    assert model.method == "dlf" and load_model(model.folder).method == "dlf"
+    shipped = model.record
+    assert shipped["commit"] and shipped["training_command"].startswith("atlasseg benchmark dlf-hippocampus")
+    assert set(HIPPOCAMPUS_SAMPLE.targets).isdisjoint(shipped["training_data"]["case_ids"])   # held out
+    data = shared_dataset("hippocampus")          # skips with a message where ../shared is missing
+    folder = build_sample_set(data, tmp_path / "sample")
+    target = read_sample_folder(folder).targets[0]
+    out = tmp_path / "out"
+    assert main(["segment", "--method", "dlf", "--model", str(model.folder), "--target", str(target.image),
+                 "--atlases", str(folder), "--reference", str(target.label), "--output", str(out), "--device",
+                 "cpu", "--quiet", "--preset", "fast"]) == 0
+    metrics = json.loads((out / "metrics.json").read_text())["labels"]
+    assert min(v["dice"] for v in metrics.values()) > 0.85, metrics

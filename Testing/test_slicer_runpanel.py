@@ -434,6 +434,10 @@ def module_file(panel, monkeypatch):
     ui = {}
     monkeypatch.setattr(slicer.util, "loadUI", lambda path: ui.setdefault("widget", WidgetStandIn()), raising=False)
     monkeypatch.setattr(slicer.util, "childWidgetVariables", lambda widget: ui["ui"], raising=False)
+    # the application object: the modules hook their Sample Data entry to its start-up signal
+    panel.connected = []
+    monkeypatch.setattr(slicer, "app", types.SimpleNamespace(
+        connect=lambda signal, slot: panel.connected.append(signal)), raising=False)
     loaded = []
 
     def load(module: str):
@@ -464,6 +468,7 @@ def test_deep_label_fusion_panel_runs_through_the_shared_code(module_file, panel
     Train section, the parameter node (with the Train section's inherited fields), a phantom segmentation."""
     code = module_file("DeepLabelFusion")
     info, widget = open_panel(code, "DeepLabelFusion")
+    assert panel.connected == ["startupCompleted()"]     # its Sample Data entry, registered once Slicer is up
     assert (info.title, info.categories, info.contributors) == ("Deep Label Fusion", ["Segmentation"],
                                                                 ["AtlasSeg developers"])
     assert info.helpText.endswith("documentation</a>.") and "Xie et al." in info.acknowledgementText
