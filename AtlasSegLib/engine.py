@@ -76,6 +76,15 @@ def engineRegistry():
     return sys.modules[name]
 
 
+def engineModule(name: str):
+    """A torch-free module of the engine (``atlasseg.sampledata``, ``atlasseg.imagecheck``), imported from the
+    engine beside this library: its rules are used as they are, never copied."""
+    root = str(findEngineRoot())
+    if root not in sys.path:
+        sys.path.insert(0, root)
+    return importlib.import_module(name)
+
+
 def pythonExecutable() -> str:
     """Slicer's ``PythonSlicer`` when running inside Slicer, else this interpreter."""
     found = shutil.which("PythonSlicer")

@@ -12,15 +12,25 @@ from pathlib import Path
 import SimpleITK as sitk
 import vtk
 
-from .engine import EngineError
+from .engine import EngineError, engineModule
 from .geometry import volumeNodeToImage
 from .results import newColorTable, segmentationsLogic
 
 
 def writeVolume(volumeNode, path: Path) -> Path:
-    """The node's voxels on its world grid as a compressed NIfTI/NRRD file (the engine's input)."""
-    sitk.WriteImage(volumeNodeToImage(volumeNode), str(path), True)
+    """The node's voxels on its world grid as a compressed NIfTI/NRRD file (the engine's input). A volume the
+    engine would refuse (NaN/Inf voxels, blank, too small) is refused here, naming the node, not a temporary file."""
+    image = volumeNodeToImage(volumeNode)
+    problem = volumeProblem(image)
+    if problem:
+        raise EngineError(f"Volume '{volumeNode.GetName()}': {problem}.")
+    sitk.WriteImage(image, str(path), True)
     return path
+
+
+def volumeProblem(image: sitk.Image) -> str | None:
+    """Why the engine cannot use this image (its own rules, :mod:`atlasseg.imagecheck`), or None."""
+    return engineModule("atlasseg.imagecheck").content_problem(sitk.GetArrayViewFromImage(image), image.GetSize())
 
 
 def writeReference(scene, referenceNode, targetNode, labels: dict[int, str], path: Path) -> Path:

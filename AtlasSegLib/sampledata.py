@@ -10,16 +10,14 @@ every AtlasSeg module that registered, so that Apply runs at once. The scene par
 
 from __future__ import annotations
 
-import importlib
 import logging
 import pathlib
-import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import SimpleITK as sitk
 
-from .engine import EngineError, findEngineRoot
+from .engine import EngineError, engineModule, findEngineRoot
 from .geometry import updateVolumeNodeFromImage
 from .results import createFolder, newColorTable, paletteColors, placeInFolder, segmentationFromLabelFile
 
@@ -30,10 +28,7 @@ _registeredModules: list[str] = []   # modules whose parameter nodes receive a l
 
 def engineSampleData():
     """The engine's :mod:`atlasseg.sampledata` (torch-free), importable wherever the engine sits beside us."""
-    root = str(findEngineRoot())
-    if root not in sys.path:
-        sys.path.insert(0, root)
-    return importlib.import_module("atlasseg.sampledata")
+    return engineModule("atlasseg.sampledata")
 
 
 # ------------------------------------------------------------------------------------------ sample set -> scene

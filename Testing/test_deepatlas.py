@@ -358,6 +358,41 @@ def test_training_alternates_resumes_exactly_and_refuses_other_settings(phantom_
         train_deepatlas(phantom_set, tmp_path / "c", arch, config, cache, "cpu", resume=True, **QUIET)
 
 
+def test_runs_share_the_unsupervised_registration_pretraining_exactly(phantom_set, tmp_path):
+    """Runs that differ only in what F_R's pretraining never reads (labelled cases, anatomy weight, rounds) start
+    from one saved pretraining and end with the weights they would have reached alone; other F_R settings do not
+    share it."""
+    arch = DeepAtlasConfig(5, grid_shape=(16, 16, 16), grid_spacing=(3.0, 3.0, 3.0),
+                           registration_backbone_kwargs={"channels": [4, 8, 8]}, backbone_preset=None,
+                           backbone_kwargs={"channels": [4, 8, 8]})
+    base = {"epochs": 1, "pretrain_registration_steps": 3, "pretrain_segmentation_steps": 2,
+            "round_registration_steps": 2, "round_segmentation_steps": 1, "val_fraction": 0.2, "val_interval": 1,
+            "checkpoint_steps": 1000}
+    unsupervised = DeepAtlasTrainConfig(**base, labelled_fraction=0.2, lambda_a=0.0)
+    joint = DeepAtlasTrainConfig(**base, labelled_fraction=0.4)
+    cache, shared = tmp_path / "cache", tmp_path / "shared"
+    first = train_deepatlas(phantom_set, tmp_path / "u", arch, unsupervised, cache, "cpu", pretraining_dir=shared,
+                            **QUIET)
+    assert first.reused_pretraining is None and len(list(shared.glob("*.pt"))) == 1
+    reused = train_deepatlas(phantom_set, tmp_path / "j", arch, joint, cache, "cpu", pretraining_dir=shared, **QUIET)
+    assert reused.reused_pretraining["steps"] == 3 and reused.reused_pretraining["trained_by"] == str(tmp_path / "u")
+    assert reused.executed == [["pretrain_segmentation", 2], ["registration", 2], ["segmentation", 1]]
+    alone = train_deepatlas(phantom_set, tmp_path / "alone", arch, joint, cache, "cpu", **QUIET)
+    assert alone.executed[0] == ["pretrain_registration", 3]
+    a = load_model(tmp_path / "alone", method="deepatlas").model.state_dict()
+    b = load_model(tmp_path / "j", method="deepatlas").model.state_dict()
+    assert all(torch.allclose(a[k], b[k], atol=1e-5) for k in a)
+    # the pretraining row is validated on this run's own labelled pairs, as alone
+    assert [r["step"] for r in reused.history] == [r["step"] for r in alone.history]
+    assert reused.history[0]["val_dice_registration"] == pytest.approx(alone.history[0]["val_dice_registration"],
+                                                                       abs=1e-5)
+    saved = json.loads((tmp_path / "j" / "config.json").read_text())
+    assert saved["training"]["reused_pretraining"]["steps"] == 3
+    other = DeepAtlasTrainConfig(**{**base, "lambda_r": 2.0}, labelled_fraction=0.4)
+    again = train_deepatlas(phantom_set, tmp_path / "o", arch, other, cache, "cpu", pretraining_dir=shared, **QUIET)
+    assert again.reused_pretraining is None and len(list(shared.glob("*.pt"))) == 2
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # geometry: the common grid and back, exactly
 

@@ -625,3 +625,19 @@ def test_module_help_names_the_engine_commands():
                                text=True, timeout=60, check=True).stdout
     for flag in ("--fixed", "--moving", "--moving-label", "--model", "--output", "--preset", "--iterations"):
         assert flag in help_text
+
+
+def test_broken_moving_volume_is_refused_naming_the_node(phantoms, tmp_path):
+    """The shared input writer applies the engine's image rules here too (no model needed: iterative backend)."""
+    from Testing.test_slicer_logic import broken_volume
+
+    scene, fixed, moving = volume_scene(phantoms)
+    image, expected = broken_volume("nan", phantoms["moving"])
+    updateVolumeNodeFromImage(moving, image)
+    started = []
+    logic = DeepAtlasLogic(scene, python=sys.executable, processFactory=lambda *a: started.append(a))
+    with pytest.raises(EngineError) as error:
+        logic.startRun(DeepAtlasInputs(fixed, moving), DeepAtlasSettings(backend="torch", device="cpu"),
+                       workDir=tmp_path / "work")
+    assert str(error.value) == f"Volume '{moving.GetName()}': {expected}." and not started
+

@@ -197,3 +197,55 @@ def test_loading_never_modifies_the_input_files(tmp_path, phantom_atlas_dir):
     s.load(0)
     after = {p: p.read_bytes() for p in copy.rglob("*") if p.is_file()}
     assert before == after
+
+
+def _broken(kind: str, grid: sitk.Image) -> sitk.Image:
+    arr = sitk.GetArrayFromImage(sitk.Cast(grid, sitk.sitkFloat32))
+    if kind == "nan":
+        arr[3, 4, 5], arr[6, 6, 6] = np.nan, np.inf
+    elif kind == "blank":
+        arr[:] = 7.0
+    elif kind == "tiny":
+        arr = arr[:3, :4, :5]
+    image = sitk.GetImageFromArray(arr)
+    image.SetSpacing(grid.GetSpacing())
+    image.SetDirection(grid.GetDirection())
+    image.SetOrigin(grid.GetOrigin() if kind != "moved" else (5.0, 0.0, 0.0))
+    return image
+
+
+API_PROBLEMS = {"nan": "target image 0: contains 2 NaN/Inf voxel values",
+                "blank": "target image 0: blank image (every voxel is 7)",
+                "tiny": "target image 0: image of 5x4x3 voxels is too small",
+                "moved": "target image 1: grid does not match target image 0: origin"}
+
+
+@pytest.mark.parametrize("kind", list(API_PROBLEMS))
+def test_python_api_refuses_broken_images_in_memory(kind, phantom_atlas_dir, tmp_path):
+    """Images handed to the Python API get the checks files get on the command line, before any work: every
+    entry point (atlas fusion, the trained methods, registration) raises the same error, naming the image."""
+    from atlasseg.atlasnet import segment_atlasnet
+    from atlasseg.deepatlas import register_pair, segment_deepatlas
+    from atlasseg.dlf.inference import segment_dlf
+    from atlasseg.pipeline import segment
+    from atlasseg.registration import register
+    from atlasseg.segmenter import segment_segmenter
+
+    atlas_set = load_atlas_set(phantom_atlas_dir)
+    good = atlas_set.load(atlas_set.case_ids[0]).images[0]
+    target = [good, _broken(kind, good)] if kind == "moved" else [_broken(kind, good)]
+    expected = API_PROBLEMS[kind]
+    nowhere = tmp_path / "no model"          # the image is checked before the model folder is read
+    calls = {"segment": lambda: segment(target, atlas_set, "majority", n_atlases=2, device="cpu"),
+             "dlf": lambda: segment_dlf(target, atlas_set, nowhere, device="cpu"),
+             "atlasnet": lambda: segment_atlasnet(target, atlas_set, nowhere, device="cpu"),
+             "segmenter": lambda: segment_segmenter(target, atlas_set, nowhere, device="cpu"),
+             "deepatlas": lambda: segment_deepatlas(target, atlas_set, nowhere, device="cpu"),
+             "register": lambda: register(target, [[good] * len(target)], device="cpu")}
+    for name, call in calls.items():
+        with pytest.raises(AtlasSetError) as err:
+            call()
+        assert str(err.value).startswith(expected), (name, str(err.value))
+    if kind != "moved":
+        with pytest.raises(AtlasSetError, match=re.escape(expected.replace("target image 0", "moving image 0"))):
+            register_pair(good, target[0], backend="torch", device="cpu")

@@ -804,6 +804,44 @@ def test_input_problems_are_explained(phantom_atlases, tmp_path):
                                FusionSettings(nAtlases=3)) == []
 
 
+def broken_volume(kind: str, grid: sitk.Image) -> tuple[sitk.Image, str]:
+    """A volume the engine refuses, and the words of its refusal (shared with the other modules' tests)."""
+    arr = sitk.GetArrayFromImage(sitk.Cast(grid, sitk.sitkFloat32))
+    if kind == "nan":
+        arr[3, 4, 5], arr[6, 6, 6] = np.nan, np.inf
+        expected = "contains 2 NaN/Inf voxel values"
+    elif kind == "blank":
+        arr[:] = 7.0
+        expected = "blank image (every voxel is 7)"
+    else:
+        arr = arr[:3, :4, :5]
+        expected = "image of 5x4x3 voxels is too small (at least 8 voxels along every axis)"
+    image = sitk.GetImageFromArray(arr)
+    image.SetSpacing(grid.GetSpacing())
+    image.SetOrigin(grid.GetOrigin())
+    image.SetDirection(grid.GetDirection())
+    return image, expected
+
+
+@pytest.mark.parametrize("kind", ["nan", "blank", "tiny"])
+def test_broken_target_volume_is_refused_naming_the_node(kind, phantom_atlases, phantom_target, tmp_path):
+    """The engine's own image rules, applied to the node before anything runs: the message names the node (not a
+    temporary file), no engine starts, the work folder is removed and the node is unchanged."""
+    scene = new_scene()
+    target = scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", "my target")
+    image, expected = broken_volume(kind, phantom_target[0])
+    updateVolumeNodeFromImage(target, image)
+    before = snapshot(target)
+    started = []
+    logic = FusionLogic(scene, python=sys.executable, processFactory=lambda *a: started.append(a))
+    with pytest.raises(EngineError) as error:
+        logic.startRun(FusionInputs(target, atlasFolder=str(phantom_atlases)),
+                       FusionSettings(method="majority", nAtlases=3, **FAST), workDir=tmp_path / "work")
+    assert str(error.value) == f"Volume 'my target': {expected}."
+    assert started == [] and snapshot(target) == before
+    assert not list((tmp_path / "work").glob("target_*"))
+
+
 def test_panel_texts_method_notes_and_modalities(phantom_atlases, tmp_path):
     """What the panel shows under the method and beside the target comes from the registry and the atlas set."""
     dlf = methodDescription("dlf")

@@ -16,10 +16,10 @@ from pathlib import Path
 import numpy as np
 import SimpleITK as sitk
 
+from .imagecheck import content_problem
 from .io import Geometry, read_image, split_channels
 
 NIFTI_ENDINGS = (".nii.gz", ".nii", ".nrrd", ".mha", ".mhd")
-MIN_AXIS_VOXELS = 8   # smaller grids cannot be registered (pyramids, windows) nor hold an anatomy
 
 
 class AtlasSetError(ValueError):
@@ -138,16 +138,25 @@ def load_modalities(paths: Sequence[Path], n_modalities: int | None = None) -> l
 
 
 def check_image_content(image: sitk.Image, path) -> None:
-    """Refuse images nothing sensible can come from: fewer than MIN_AXIS_VOXELS voxels along an axis (too small
-    to register or to hold a structure) or a constant intensity (blank: nothing to register or segment)."""
-    size = image.GetSize()
-    if min(size) < MIN_AXIS_VOXELS:
-        raise AtlasSetError(f"{path}: image of {'x'.join(map(str, size))} voxels is too small (at least "
-                            f"{MIN_AXIS_VOXELS} voxels along every axis)")
-    stats = sitk.MinimumMaximumImageFilter()
-    stats.Execute(image)
-    if stats.GetMinimum() == stats.GetMaximum():
-        raise AtlasSetError(f"{path}: blank image (every voxel is {stats.GetMinimum():g})")
+    """Refuse images nothing sensible can come from (see :func:`atlasseg.imagecheck.content_problem`): too
+    small to register or to hold a structure, NaN/Inf voxels, or a constant intensity (nothing to register)."""
+    problem = content_problem(sitk.GetArrayViewFromImage(image), image.GetSize())
+    if problem:
+        raise AtlasSetError(f"{path}: {problem}")
+
+
+def check_target_images(target: Sequence[sitk.Image], names: Sequence[str] | None = None) -> None:
+    """The checks a target read from files gets, for images passed in memory (the Python API): each usable
+    (:func:`check_image_content`) and all modalities on one grid. ``names`` label the images in errors."""
+    if not target:
+        raise AtlasSetError("no target image given")
+    names = list(names) if names else [f"target image {k}" for k in range(len(target))]
+    for image, name in zip(target, names):
+        if not isinstance(image, sitk.Image):
+            raise AtlasSetError(f"{name}: expected a SimpleITK image, got {type(image).__name__}")
+        check_image_content(image, name)
+    for image, name in zip(target[1:], names[1:]):
+        check_same_grid(target[0], names[0], image, name)
 
 
 def check_same_grid(a: sitk.Image, a_path, b: sitk.Image, b_path) -> None:

@@ -17,7 +17,7 @@ import numpy as np
 import SimpleITK as sitk
 import torch
 
-from .atlas import AtlasSet, AtlasSetError, LoadedCase
+from .atlas import AtlasSet, AtlasSetError, LoadedCase, check_target_images
 from .device import resolve_device
 from .fusion import METHODS, FusionResult, atlas_agreement, fuse, oracle_coverage
 from .io import (
@@ -234,6 +234,7 @@ def prepare(target: Sequence[sitk.Image], atlas_set: AtlasSet, n_atlases: int | 
             seed: int = 0, atlases: Sequence[LoadedCase] | None = None,
             progress: Progress | None = None) -> PreparedAtlases:
     """Choose, load, register and warp atlases onto the target."""
+    check_target_images(target)
     if len(target) != len(atlas_set.modalities):
         raise AtlasSetError(f"the target has {len(target)} modality image(s); atlas set "
                             f"'{atlas_set.name}' needs {len(atlas_set.modalities)} ({atlas_set.modalities})")

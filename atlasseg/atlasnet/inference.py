@@ -20,7 +20,7 @@ import SimpleITK as sitk
 import torch
 import torch.nn.functional as F
 
-from ..atlas import AtlasSet
+from ..atlas import AtlasSet, check_target_images
 from ..device import resolve_device
 from ..fusion import FusionResult
 from ..io import Geometry, label_pixel_type, tensor_to_image, write_image
@@ -251,6 +251,7 @@ def segment_atlasnet(target: Sequence[sitk.Image], atlas_set: AtlasSet | None, m
             signature (every map is kept anyway).
         atlases: the model's atlases already loaded (skips reading ``atlases.safetensors``).
     """
+    check_target_images(target)
     loaded = model if isinstance(model, LoadedModel) else load_model(model, "cpu", method="atlasnet")
     where = f"{loaded.folder / CONFIG}: "
     check_compatible(loaded, atlas_set, len(target))

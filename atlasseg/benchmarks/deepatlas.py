@@ -229,6 +229,24 @@ def hippocampus_design(data: Path, counts: Sequence[int] = LABELLED_COUNTS, step
 # predicted budget
 
 
+def _reused_seconds(facts: dict) -> float:
+    return float((facts.get("reused_pretraining") or {}).get("seconds", 0.0))
+
+
+def _reused_text(facts: dict) -> str:
+    reused = facts.get("reused_pretraining")
+    return f" (incl. {reused['seconds'] / 60:.1f} of the shared F_R pretraining)" if reused else ""
+
+
+def shared_pretraining_seconds(design: Design) -> float:
+    """Predicted seconds the configurations save by sharing F_R's unsupervised pretraining (all of them have the
+    same architecture, pool, seed and F_R settings; see :mod:`atlasseg.deepatlas.train`): all but the first."""
+    costs = REDUCED_STEP_S if design.reduced else STEP_S
+    steps = [design.training_config(c).pretrain_registration_steps for c in design.configurations]
+    steps = [s for s in steps if s > 0]
+    return costs["pretrain_registration"] * (sum(steps) - max(steps, default=0)) if len(set(steps)) <= 1 else 0.0
+
+
 def training_seconds(design: Design, conf: Configuration) -> float:
     """Predicted training seconds of one configuration (steps of each kind, plus validations)."""
     cfg = design.training_config(conf)
@@ -245,7 +263,8 @@ def predict_budget(design: Design) -> dict[str, float]:
     per_target = 10 * (c["learned_pair_s"] + c["torch_pair_s"]) + 2 * c["jlf_s"]
     if design.greedy:
         per_target += 10 * c["greedy_pair_s"] + c["jlf_s"] + (c["ants_jlf_s"] if design.ants else 0.0)
-    return {"training": sum(training_seconds(design, conf) for conf in design.configurations),
+    return {"training": sum(training_seconds(design, conf) for conf in design.configurations)
+            - shared_pretraining_seconds(design),
             "segmentation": len(design.test_ids) * c["segment_s"] * sum(
                 conf.kind != "unsupervised" for conf in design.configurations),
             "registration": len(design.pairs) * sum(pair_s[b] + c["pair_metrics_s"]
@@ -256,7 +275,8 @@ def predict_budget(design: Design) -> dict[str, float]:
 def budget_text(design: Design, predicted: dict[str, float]) -> str:
     per = "; ".join(f"{conf.name} {training_seconds(design, conf) / 3600:.2f} h" for conf in design.configurations)
     return (f"predicted {sum(predicted.values()) / 3600:.2f} h on 2 CPU cores: training "
-            f"{predicted['training'] / 3600:.2f} h ({per}), segmentation {predicted['segmentation'] / 60:.1f} min "
+            f"{predicted['training'] / 3600:.2f} h ({per}; each alone, less "
+            f"{shared_pretraining_seconds(design) / 3600:.2f} h of shared F_R pretraining), segmentation {predicted['segmentation'] / 60:.1f} min "
             f"({len(design.test_ids)} targets), registration {predicted['registration'] / 60:.1f} min "
             f"({len(design.pairs)} pairs x {len(design.registration_methods())} methods), pipeline "
             f"{predicted['pipeline'] / 60:.1f} min ({len(design.pipeline_targets)} targets x "
@@ -337,14 +357,16 @@ def train_configuration(design: Design, conf: Configuration, run_dir: Path, devi
     log(f"training {conf.name} ({conf.kind}, {conf.n_labelled} labelled, {plan.total} steps) -> {folder}")
     with PeakMemory() as memory:
         result = train_deepatlas(design.atlas_set, folder, design.architecture, training, run_dir.parent / "cache",
-                                 device, (folder / CHECKPOINT).is_file(), design.pool, log, show_progress=False)
+                                 device, (folder / CHECKPOINT).is_file(), design.pool, log, show_progress=False,
+                                 pretraining_dir=run_dir / "shared_pretraining")
     counts = plan.counts()
     info = {"identity": identity, "weights_sha256": _weights(folder), "name": conf.name, "steps": plan.total,
             "registration_steps": counts["pretrain_registration"] + counts["registration"],
             "segmentation_steps": counts["pretrain_segmentation"] + counts["segmentation"],
             "seconds": result.seconds, "s_per_step": result.seconds / max(1, plan.total), "device": device,
             "labelled": conf.labelled, "val_dice_segmentation": result.best_val_dice,
-            "val_dice_registration": result.val_dice_registration, "val_dice_affine": result.val_dice_affine}
+            "val_dice_registration": result.val_dice_registration, "val_dice_affine": result.val_dice_affine,
+            "reused_pretraining": result.reused_pretraining}
     if result.steps_run:        # measured while training (a resumed run: its own part only)
         info["peak_gib"] = max(memory.gib, result.peak_rss_gib)
     _write_json(info_path, _plain(info))
@@ -553,7 +575,8 @@ def markdown(design: Design, facts: dict, seg: dict, reg: dict, pipeline: dict, 
         f = facts[conf.name]
         peak = f"{f['peak_gib']:.2f}" if "peak_gib" in f else "not measured"
         lines.append(f"| {conf.name} | {conf.n_labelled if conf.kind != 'unsupervised' else 'none'} | "
-                     f"{f['registration_steps']} | {f['segmentation_steps']} | {f['seconds'] / 60:.1f} | "
+                     f"{f['registration_steps']} | {f['segmentation_steps']} | {f['seconds'] / 60:.1f}"
+                     f"{_reused_text(f)} | "
                      f"{f['s_per_step']:.2f} | {f['device']} | {peak} | {f['val_dice_segmentation']:.4f} | "
                      f"{f['val_dice_registration']:.4f} ({f['val_dice_affine']:.4f}) |")
     # segmentation
@@ -605,15 +628,16 @@ def markdown(design: Design, facts: dict, seg: dict, reg: dict, pipeline: dict, 
     lines += ["", "| target of the issue | measured | status |", "|---|---|---|"]
     lines += [f"| {what} | {numbers} | {target_status(ok)} |" for what, numbers, ok in
               targets(design, seg, reg, pipeline, facts)]
-    measured = {"training": sum(f["seconds"] for f in facts.values()),
+    measured = {"training": sum(f["seconds"] - _reused_seconds(f) for f in facts.values()),
                 "segmentation": sum(r["seconds"] for rows in seg.values() for r in rows),
                 "registration": sum(r["seconds"] for rows in reg.values() for r in rows),
                 "pipeline": sum(r["seconds"] for rows in pipeline.values() for r in rows)}
     lines += ["", "| stage | predicted min | measured min |", "|---|---|---|"]
     lines += [f"| {k} | {predicted[k] / 60:.1f} | {measured[k] / 60:.1f} |" for k in predicted]
     lines.append(f"| total | {sum(predicted.values()) / 60:.1f} | {sum(measured.values()) / 60:.1f} |")
-    lines += ["", "Measured: training as the trainer timed it (validation included), the other stages the sum of "
-              "the rows' seconds (registration and inference, without metrics)."]
+    lines += ["", "Measured: training as the trainer timed it (validation included; a configuration that started "
+              "from the shared F_R pretraining counts its minutes in its row, once in this total), the other stages "
+              "the sum of the rows' seconds (registration and inference, without metrics)."]
     return "\n".join(lines) + "\n"
 
 

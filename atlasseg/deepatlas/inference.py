@@ -28,7 +28,7 @@ import numpy as np
 import SimpleITK as sitk
 import torch
 
-from ..atlas import AtlasSet
+from ..atlas import AtlasSet, check_target_images
 from ..device import resolve_device
 from ..fusion import FusionResult, labels_to_index
 from ..io import Geometry, image_to_tensor, label_pixel_type, labels_to_tensor, tensor_to_image, write_image
@@ -192,6 +192,7 @@ def segment_deepatlas(target: Sequence[sitk.Image], atlas_set: AtlasSet | None, 
     """Segment a target with a DeepAtlas model's F_S (pre-aligned to the model's reference, segmented on the common
     grid, pulled back onto the target's own grid). Atlas options (``n_atlases``, ...) are accepted and unused;
     ``atlas_set``, when given, is checked against the model's labels and modalities."""
+    check_target_images(target)
     t0 = time.perf_counter()
     bundle = load_deepatlas(model)
     check_compatible(bundle.loaded, atlas_set, len(target))
@@ -397,6 +398,8 @@ def register_pair(fixed: sitk.Image | Sequence[sitk.Image], moving: sitk.Image |
     t0 = time.perf_counter()
     bundle = load_deepatlas(model) if backend == "learned" else None
     fixed, moving = _channels(fixed), _channels(moving)
+    check_target_images(fixed, [f"fixed image {k}" for k in range(len(fixed))])
+    check_target_images(moving, [f"moving image {k}" for k in range(len(moving))])
     dev = resolve_device(device)
     t1 = time.perf_counter()
     if bundle is not None:

@@ -15,12 +15,20 @@ Layout of the output folder::
     training_curves.png               losses (F_R red, F_S blue) and validation Dice (F_S, F_R, affine only)
     checkpoint.pt                     step, both networks, both optimisers, history (resume)
     registration_cache/               pre-alignment of every case to the reference (unless ``cache_dir`` is given)
+
+Shared F_R pretraining (``pretraining_dir``): F_R's unsupervised pretraining sees no label, so every run with the
+same architecture, data split, seed and F_R settings takes exactly the same first steps, whatever its labelled
+cases or later schedule. The first such run saves its state after them (``<pretraining_dir>/<key>.pt``, atomic,
+read with ``weights_only``); the others start from it, take the same later steps they would have taken, and
+count its seconds as theirs (``training.reused_pretraining`` in config.json says so).
 """
 
 from __future__ import annotations
 
 import bisect
 import copy
+import hashlib
+import json
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
@@ -52,6 +60,11 @@ __all__ = ["PHASES", "DeepAtlasTrainResult", "DeepAtlasTrainer", "StepPlan", "tr
 PHASES = ("pretrain_registration", "pretrain_segmentation", "registration", "segmentation")
 REFERENCE_FOLDER = "deepatlas_reference"      # inside the registration cache: the reference on the common grid
 _RESUMABLE_CHANGES = ("epochs", "val_interval", "checkpoint_steps")   # may differ when resuming
+# settings F_R's unsupervised pretraining never reads: runs differing only in these share it
+_NOT_IN_REGISTRATION_PRETRAINING = (*_RESUMABLE_CHANGES, "labelled", "labelled_fraction", "learning_rate",
+                                    "lambda_a", "lambda_sp", "loss", "pretrain_segmentation_steps",
+                                    "round_registration_steps", "round_segmentation_steps", "semi", "semi_rounds",
+                                    "val_pairs", "schedule")
 
 
 class StepPlan:
@@ -101,6 +114,7 @@ class DeepAtlasTrainResult(TrainResult):
     labelled_ids: list = field(default_factory=list)
     val_dice_registration: float = float("nan")
     val_dice_affine: float = float("nan")
+    reused_pretraining: dict | None = None      # the shared F_R pretraining this run started from, if any
 
 
 def _run_length(runs: list, kind: str) -> None:
@@ -118,7 +132,7 @@ class DeepAtlasTrainer:
     def __init__(self, atlas_set: AtlasSet, output: str | Path, architecture: DeepAtlasConfig,
                  config: DeepAtlasTrainConfig, cache_dir: str | Path | None = None, device: str = "auto",
                  train_ids: Sequence[str] | None = None, log: Callable[[str], None] = print,
-                 show_progress: bool = True):
+                 show_progress: bool = True, pretraining_dir: str | Path | None = None):
         if not isinstance(config, DeepAtlasTrainConfig):
             raise TrainingError(f"DeepAtlas needs a DeepAtlasTrainConfig, got {type(config).__name__}")
         n_labels, n_mod = len(atlas_set.labels), len(atlas_set.modalities)
@@ -148,6 +162,8 @@ class DeepAtlasTrainer:
                                     grid_spacing=self.grid.geometry.spacing)
         self.cache_dir = Path(cache_dir) if cache_dir else self.output / "registration_cache"
         self.plan = StepPlan(config)
+        self.pretraining_dir = Path(pretraining_dir) if pretraining_dir else None
+        self.reused_pretraining: dict | None = None
 
     def _labelled(self) -> list[str]:
         cfg = self.config
@@ -171,6 +187,42 @@ class DeepAtlasTrainer:
         return _plain({"method": self.method, "architecture": self.architecture.to_dict(), "training": training,
                        "atlas_set": self.atlas_set.name, "train_ids": self.train_ids, "val_ids": self.val_ids,
                        "labelled_ids": self.labelled_ids})
+
+    def pretraining_identity(self) -> dict:
+        """What F_R's unsupervised pretraining depends on (see the module docstring)."""
+        identity = self.identity()
+        identity.pop("labelled_ids")
+        identity["training"] = {k: v for k, v in identity["training"].items()
+                                if k not in _NOT_IN_REGISTRATION_PRETRAINING}
+        identity["training"]["pretrain_registration_steps"] = self.config.pretrain_registration_steps
+        return identity
+
+    def pretraining_path(self) -> Path | None:
+        """Where the shared F_R pretraining of this run lives (None: not shared, or nothing to pretrain)."""
+        if self.pretraining_dir is None or self.config.pretrain_registration_steps == 0:
+            return None
+        text = json.dumps(self.pretraining_identity(), sort_keys=True)
+        return self.pretraining_dir / f"registration_pretraining_{hashlib.sha256(text.encode()).hexdigest()[:16]}.pt"
+
+    def _shared_pretraining(self) -> dict | None:
+        path = self.pretraining_path()
+        if path is None or not path.is_file():
+            return None
+        state = load_checkpoint(path)
+        if _plain(state.get("identity") or {}) != _plain(self.pretraining_identity()):
+            raise TrainingError(f"{path}: a shared F_R pretraining with other settings under this name; remove it")
+        return state
+
+    def _save_shared_pretraining(self, model, optimizers, history: list, step: int, elapsed: float) -> None:
+        path = self.pretraining_path()
+        if path is None or path.is_file():
+            return
+        path.parent.mkdir(parents=True, exist_ok=True)
+        save_checkpoint(path, {"identity": self.pretraining_identity(), "step": step, "seconds": elapsed,
+                               "history": history, "model": model_state(model),
+                               "optimizer": copy.deepcopy(optimizers["registration"].state_dict()),
+                               "source": str(self.output)})
+        self.log(f"F_R pretraining saved for runs that share it: {path}")
 
     def _resume_state(self, resume: bool) -> dict | None:
         path = self.output / CHECKPOINT
@@ -339,17 +391,33 @@ class DeepAtlasTrainer:
                 opt.load_state_dict(state["optimizers"][name])
             history, start, elapsed = list(state["history"]), int(state["step"]), float(state["seconds"])
             executed_before = [list(r) for r in state.get("executed", [])]
+            self.reused_pretraining = state.get("reused_pretraining")
             self.log(f"resuming {self.output} after step {start} of {plan.total}")
         result = DeepAtlasTrainResult(self.output, history, float("nan"), elapsed, 0, ratio=cfg.ratio(),
                                       labelled_ids=list(self.labelled_ids))
         if start >= plan.total:
             self.log(f"{self.output}: already trained for {start} step(s)")
             result.step_counts = plan.counts(start)
+            result.reused_pretraining = self.reused_pretraining
             result.best_val_dice = float(history[-1]["val_dice_segmentation"]) if history else float("nan")
             return result
         progress = Progress([("data", 0.1), ("training", 0.9)], enabled=self.show_progress)
         self.prepare_data(progress.stage("data"))
         self.reference_entry = save_common_grid(self.output, self.grid)
+        shared = self._shared_pretraining() if state is None else None
+        if shared is not None:      # exactly the state this run would reach after its own F_R pretraining
+            model.load_state_dict(shared["model"])
+            optimizers["registration"].load_state_dict(shared["optimizer"])
+            start, elapsed = int(shared["step"]), float(shared["seconds"])
+            history = [dict(row) for row in shared["history"]]
+            history[-1].update(self.validate(model))     # this run's validation cases and labelled pairs
+            executed_before = [["pretrain_registration", start]]
+            self.reused_pretraining = {"path": str(self.pretraining_path()), "steps": start, "seconds": elapsed,
+                                       "trained_by": shared.get("source", "")}
+            self.log(f"{self.output}: F_R pretraining ({start} steps, {elapsed:.0f} s) reused from "
+                     f"{self.pretraining_path()}")
+            self._write(model, optimizers, history, start, elapsed, executed_before)
+            self.log(self._message(history[-1]))
         executed: list = []
         running: dict[str, list[float]] = {}
         t0 = time.perf_counter()
@@ -383,6 +451,8 @@ class DeepAtlasTrainer:
                 history.append(self._row(step + 1, kind, round_index, running, metrics, elapsed))
                 running = {}
                 self._write(model, optimizers, history, step + 1, elapsed, executed_before + executed)
+                if pretraining_done and kind == "pretrain_registration":
+                    self._save_shared_pretraining(model, optimizers, history, step + 1, elapsed)
                 if validate:
                     self.log(self._message(history[-1]))
         progress.done("training done")
@@ -391,6 +461,7 @@ class DeepAtlasTrainer:
         result.epochs_run = self._rounds_done(plan.total) - rounds_before
         result.executed = executed
         result.step_counts = plan.counts()
+        result.reused_pretraining = self.reused_pretraining
         validated = [r for r in history if r["val_dice_segmentation"] == r["val_dice_segmentation"]]
         if validated:
             result.best_val_dice = float(validated[-1]["val_dice_segmentation"])
@@ -445,7 +516,7 @@ class DeepAtlasTrainer:
                              "step_counts": self.plan.counts(step), "rounds_completed": self._rounds_done(step),
                              "executed": executed},
                 "regularizer_weight": self.objective.regularizer_weight, "seconds": elapsed,
-                "device": str(self.device)}
+                "device": str(self.device), "reused_pretraining": self.reused_pretraining}
 
     def _write(self, model, optimizers, history, step: int, elapsed: float, executed: list) -> None:
         """Model folder, CSV log, PNG curves, then the checkpoint (all atomic)."""
@@ -465,7 +536,7 @@ class DeepAtlasTrainer:
         plot_curves(history, self.output / CURVES)
         save_checkpoint(self.output / CHECKPOINT, {
             "identity": self.identity(), "step": step, "seconds": elapsed, "history": history,
-            "executed": executed, "model": model_state(model),
+            "executed": executed, "reused_pretraining": self.reused_pretraining, "model": model_state(model),
             "optimizers": {k: copy.deepcopy(o.state_dict()) for k, o in optimizers.items()}})
 
 
@@ -495,11 +566,13 @@ def plot_curves(rows: list[dict], path: Path, width: int = 360, height: int = 24
 def train_deepatlas(atlas_set: AtlasSet, output: str | Path, architecture: DeepAtlasConfig | None = None,
                     config: DeepAtlasTrainConfig | None = None, cache_dir: str | Path | None = None,
                     device: str = "auto", resume: bool = False, train_ids: Sequence[str] | None = None,
-                    log: Callable[[str], None] = print, show_progress: bool = True) -> DeepAtlasTrainResult:
-    """Train DeepAtlas on an atlas set (see the module docstring and :class:`DeepAtlasTrainConfig`)."""
+                    log: Callable[[str], None] = print, show_progress: bool = True,
+                    pretraining_dir: str | Path | None = None) -> DeepAtlasTrainResult:
+    """Train DeepAtlas on an atlas set (see the module docstring and :class:`DeepAtlasTrainConfig`;
+    ``pretraining_dir``: share F_R's unsupervised pretraining with other runs there)."""
     architecture = architecture or DeepAtlasConfig(len(atlas_set.labels), len(atlas_set.modalities))
     trainer = DeepAtlasTrainer(atlas_set, output, architecture, config or DeepAtlasTrainConfig(), cache_dir, device,
-                               train_ids, log, show_progress)
+                               train_ids, log, show_progress, pretraining_dir)
     return trainer.run(resume)
 
 

@@ -11,7 +11,7 @@ import SimpleITK as sitk
 import torch
 from monai.inferers import sliding_window_inference
 
-from ..atlas import AtlasSet, LoadedCase
+from ..atlas import AtlasSet, LoadedCase, check_target_images
 from ..device import resolve_device
 from ..fusion import FusionResult, labels_to_index
 from ..inference import prediction_region, uncrop
@@ -164,6 +164,7 @@ def segment_dlf(target: Sequence[sitk.Image], atlas_set: AtlasSet, model: str | 
     registration settings it was trained with. ``maps`` (True, or kinds including ``weights``) keeps the
     per-atlas weight maps (N x L volumes).
     """
+    check_target_images(target)
     loaded = model if isinstance(model, LoadedModel) else load_model(model, "cpu", method="dlf")
     check_compatible(loaded, atlas_set, len(target))
     reg = loaded.config.get("registration", {})

@@ -20,6 +20,7 @@ import numpy as np
 import SimpleITK as sitk
 import torch
 
+from ..atlas import check_target_images
 from ..device import resolve_device
 from ..intensity import percentile_normalize
 from ..io import Geometry, image_to_tensor, labels_to_tensor
@@ -104,6 +105,9 @@ def register(target: sitk.Image | Sequence[sitk.Image], atlases: Sequence[sitk.I
     atlases = [_as_channels(a) for a in atlases]
     if not atlases:
         raise ValueError("no atlases to register")
+    check_target_images(target)
+    for k, atlas in enumerate(atlases):
+        check_target_images(atlas, [f"atlas {k} image {c}" for c in range(len(atlas))])
     for k, a in enumerate(atlases):
         if len(a) != len(target):
             raise ValueError(f"atlas {k} has {len(a)} channel(s), the target has {len(target)}")

@@ -20,7 +20,7 @@ import torch
 from monai.inferers import sliding_window_inference
 from torch import nn
 
-from ..atlas import AtlasSet
+from ..atlas import AtlasSet, check_target_images
 from ..config import dataclass_from, to_dict
 from ..device import resolve_device
 from ..fusion import FusionResult, labels_to_index
@@ -265,6 +265,7 @@ def segment_segmenter(target: Sequence[sitk.Image], atlas_set: AtlasSet | None, 
                       **_atlas_options) -> SegmenterResult:
     """Segment a target with a trained segmenter (atlas options such as ``n_atlases`` are accepted and unused;
     ``atlas_set``, when given, is checked against the model's labels and modalities)."""
+    check_target_images(target)
     loaded = model if isinstance(model, LoadedModel) else load_model(model, "cpu", method="segmenter")
     check_compatible(loaded, atlas_set, len(target))
     progress = Progress([("load", 0.1), ("network", 0.9)], enabled=show_progress)
