@@ -276,7 +276,8 @@ def budget_text(design: Design, predicted: dict[str, float]) -> str:
     per = "; ".join(f"{conf.name} {training_seconds(design, conf) / 3600:.2f} h" for conf in design.configurations)
     return (f"predicted {sum(predicted.values()) / 3600:.2f} h on 2 CPU cores: training "
             f"{predicted['training'] / 3600:.2f} h ({per}; each alone, less "
-            f"{shared_pretraining_seconds(design) / 3600:.2f} h of shared F_R pretraining), segmentation {predicted['segmentation'] / 60:.1f} min "
+            f"{shared_pretraining_seconds(design) / 3600:.2f} h of shared F_R pretraining), "
+            f"segmentation {predicted['segmentation'] / 60:.1f} min "
             f"({len(design.test_ids)} targets), registration {predicted['registration'] / 60:.1f} min "
             f"({len(design.pairs)} pairs x {len(design.registration_methods())} methods), pipeline "
             f"{predicted['pipeline'] / 60:.1f} min ({len(design.pipeline_targets)} targets x "
