@@ -23,6 +23,7 @@ import json
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
+import SimpleITK as sitk
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file
@@ -80,14 +81,18 @@ class RegistrationCache:
         backend / preset / settings: registration (:func:`atlasseg.registration.register`; ``settings`` are
             overrides of single backend settings); part of the cache's identity.
         device: where registration runs; batch_size: moving cases registered together per fixed case.
+        fixed_masks: per fixed case id, a mask on its grid restricting the similarity metric (the caller's case id
+            must identify the mask too: the manifest does not record it).
     """
 
     def __init__(self, folder: str | Path, atlas_set: AtlasSet, backend: str = "torch", preset: str = "default",
-                 device: str = "auto", batch_size: int = 16, settings: dict | None = None):
+                 device: str = "auto", batch_size: int = 16, settings: dict | None = None,
+                 fixed_masks: dict[str, sitk.Image] | None = None):
         self.folder = Path(folder)
         self.atlas_set = atlas_set
         self.backend, self.preset, self.device = backend, preset, device
         self.settings = dict(settings or {})
+        self.fixed_masks = dict(fixed_masks or {})
         self.batch_size = batch_size
         self.labels = atlas_set.label_values
         self.manifest = self._load_manifest()
@@ -162,7 +167,7 @@ class RegistrationCache:
         fixed = self._case(fixed_id)
         movings = [self._case(m) for m in moving_ids]
         regs = register(fixed.images, [m.images for m in movings], backend=self.backend, device=self.device,
-                        preset=self.preset, **self.settings)
+                        preset=self.preset, mask=self.fixed_masks.get(fixed_id), **self.settings)
         dev = resolve_device(self.device)
         fixed_geometry = Geometry.of(fixed.images[0])
         fixed_image = normalized_tensor(fixed.images, dev)

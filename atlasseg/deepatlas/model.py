@@ -77,7 +77,10 @@ def build_model(config: DeepAtlasConfig) -> DeepAtlasModel:
 
 def save_common_grid(folder: str | Path, grid: CommonGrid) -> dict:
     """Write ``reference.safetensors`` (the reference on the common grid) and return its ``config.json`` entry."""
-    digest = atomic_save_tensors({"image": grid.image.float()}, Path(folder) / REFERENCE)
+    tensors = {"image": grid.image.float()}
+    if grid.fov is not None:
+        tensors["fov"] = grid.fov.to(torch.uint8)
+    digest = atomic_save_tensors(tensors, Path(folder) / REFERENCE)
     return {"file": REFERENCE, "sha256": digest, "reference_id": grid.reference_id,
             "geometry": grid.geometry.to_dict()}
 
@@ -94,7 +97,8 @@ def load_common_grid(loaded: LoadedModel) -> CommonGrid:
     if entry.get("sha256") and sha256(path) != entry["sha256"]:
         raise ModelFolderError(f"{path}: checksum does not match {CONFIG} (corrupted or replaced)")
     try:
-        image = load_file(str(path))["image"]
+        stored = load_file(str(path))
+        image, fov = stored["image"], stored.get("fov")
         geometry = Geometry.from_dict(entry["geometry"])
     except (SafetensorError, OSError, KeyError, TypeError, ValueError) as err:
         raise ModelFolderError(f"{path}: unreadable reference ({err!r})") from None
@@ -105,4 +109,8 @@ def load_common_grid(loaded: LoadedModel) -> CommonGrid:
     if arch.grid_shape is not None and tuple(arch.grid_shape) != geometry.shape:
         raise ModelFolderError(f"{where}: common grid {geometry.shape} differs from the architecture's grid_shape "
                                f"{tuple(arch.grid_shape)}")
-    return CommonGrid(geometry, image.float(), str(entry.get("reference_id", "")))
+    if fov is not None and tuple(fov.shape) != geometry.shape:
+        raise ModelFolderError(f"{path}: field-of-view mask of shape {tuple(fov.shape)} does not match the common "
+                               f"grid {geometry.shape}")
+    return CommonGrid(geometry, image.float(), str(entry.get("reference_id", "")),
+                      None if fov is None else fov.bool())

@@ -247,7 +247,8 @@ class DeepAtlasTrainer:
         paths = self.grid.write(self.cache_dir / REFERENCE_FOLDER)
         extended = AtlasSet(self.atlas_set.name, [*self.atlas_set.cases, AtlasCase(key, list(paths), None)],
                             dict(self.atlas_set.labels), dict(self.atlas_set.modalities), self.atlas_set.root)
-        cache = RegistrationCache(self.cache_dir, extended, cfg.backend, "affine", self.device)
+        cache = RegistrationCache(self.cache_dir, extended, cfg.backend, "affine", self.device,
+                                  fixed_masks={key: self.grid.fov_mask()})
         ids = self.train_ids + self.val_ids
         computed = cache.ensure({key: ids}, progress, parts=("warped",))
         if computed:
