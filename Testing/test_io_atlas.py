@@ -249,3 +249,27 @@ def test_python_api_refuses_broken_images_in_memory(kind, phantom_atlas_dir, tmp
     if kind != "moved":
         with pytest.raises(AtlasSetError, match=re.escape(expected.replace("target image 0", "moving image 0"))):
             register_pair(good, target[0], backend="torch", device="cpu")
+
+
+def test_atlas_count_defaults_to_up_to_ten_and_refuses_more_than_the_pool(phantom_atlas_dir):
+    """The Python API behaves as the command line: no count means up to 10 (the whole pool where smaller); an
+    explicit count larger than the pool left after exclusions is an error before any registration."""
+    from atlasseg.atlas import AtlasCase, AtlasSet
+    from atlasseg.methods import DEFAULT_N_ATLASES
+    from atlasseg.pipeline import choose_atlases, segment
+
+    big = AtlasSet("big", [AtlasCase(f"case_{k:02d}", [phantom_atlas_dir / "x.nii.gz"]) for k in range(14)],
+                   {0: "background", 1: "a"})
+    drawn = choose_atlases(big, None, exclude=["case_00"], seed=3)
+    assert len(drawn) == DEFAULT_N_ATLASES == 10 and "case_00" not in drawn and drawn == sorted(set(drawn))
+    assert drawn == choose_atlases(big, None, exclude=["case_00"], seed=3) != choose_atlases(big, None, seed=4)
+    assert choose_atlases(big, 13, exclude=["case_00"]) == big.case_ids[1:]
+    with pytest.raises(ValueError, match=r"n_atlases=14: only 13 atlas\(es\) available in big after excluding case_00"):
+        choose_atlases(big, 14, exclude=["case_00"])
+
+    atlas_set = load_atlas_set(phantom_atlas_dir)             # 5 cases: the default takes all of them
+    ids = sorted(atlas_set.case_ids)
+    assert choose_atlases(atlas_set, None) == ids and choose_atlases(atlas_set, None, exclude=ids[:1]) == ids[1:]
+    target = atlas_set.load(ids[0]).images
+    with pytest.raises(ValueError, match=r"n_atlases=5: only 4 atlas\(es\) available"):
+        segment(target, atlas_set, "majority", n_atlases=5, exclude=ids[:1], device="cpu", show_progress=False)

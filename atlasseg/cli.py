@@ -260,7 +260,7 @@ def _parser(train_method: str | None = None) -> argparse.ArgumentParser:
     p = sub.add_parser("demo", help="run every fusion method on a phantom (or --data) and write a PNG")
     p.add_argument("--data", help="a real atlas set folder instead of the generated phantoms")
     p.add_argument("--output", default="demo_output")
-    p.add_argument("--n-atlases", type=int, default=None, help="default 8 (phantom) or 10 (--data)")
+    p.add_argument("--n-atlases", type=int, default=None, help="default 8 (phantom) or up to 10 (--data)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--quiet", action="store_true")
     _add_registration_args(p)
@@ -670,7 +670,7 @@ def _demo(args) -> int:
         raise ValueError(f"--n-atlases {args.n_atlases}: at least 1 atlas is needed")
     from .demo import run_demo
 
-    n = args.n_atlases if args.n_atlases is not None else (10 if args.data else 8)
+    n = args.n_atlases if args.n_atlases is not None else (None if args.data else 8)    # None: up to 10
     given = {"backend": args.backend} if args.backend is not None else {}
     with _torch_threads(args.threads):
         run_demo(args.output, data=args.data, n_atlases=n, device=args.device, seed=args.seed,

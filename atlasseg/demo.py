@@ -21,7 +21,7 @@ from .progress import Progress
 from .render import save_montage
 
 
-def run_demo(out_dir: str | Path = "demo_output", data: str | Path | None = None, n_atlases: int = 8,
+def run_demo(out_dir: str | Path = "demo_output", data: str | Path | None = None, n_atlases: int | None = 8,
              backend: str = "torch", device: str = "auto", methods=METHODS, seed: int = 0,
              show_progress: bool = True) -> dict:
     """Run registration and every fusion method on one target; print a Dice table; write outputs and a PNG.
@@ -32,7 +32,7 @@ def run_demo(out_dir: str | Path = "demo_output", data: str | Path | None = None
     if data is None:
         atlas_dir = out / "phantom_atlases"
         if not (atlas_dir / "dataset.json").is_file():
-            make_phantom_atlas_set(atlas_dir, n_cases=n_atlases, seed=seed)
+            make_phantom_atlas_set(atlas_dir, n_cases=n_atlases or 8, seed=seed)
         atlas_set = load_atlas_set(atlas_dir)
         image, label = make_phantom(seed=10_000 + seed)  # a subject that is not among the atlases
         target_id, target_images, reference = "phantom_target", [image], label

@@ -25,6 +25,7 @@ REGISTRATION_PRESETS = ("fast", "default", "accurate", "affine")
 # them without torch; the functions that apply them take them from here.
 DEFAULT_BACKEND = "torch"
 DEFAULT_PRESET = "default"
+DEFAULT_N_ATLASES = 10     # atlases per target when none is asked for (fewer where the pool is smaller)
 JLF_DEFAULTS = {"alpha": 0.1, "beta": 2.0, "patch_radius": 2, "search_radius": 3}
 RUN_RECORD = "run.json"     # the record every run writes last (schema in the README)
 # Maps a run can write beside its segmentation (``--maps [KIND ...]``; bare ``--maps``: all): per-label votes,

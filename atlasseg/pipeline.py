@@ -29,7 +29,7 @@ from .io import (
     tensor_to_image,
     write_image,
 )
-from .methods import DEFAULT_BACKEND, DEFAULT_PRESET, RUN_RECORD, map_kinds
+from .methods import DEFAULT_BACKEND, DEFAULT_N_ATLASES, DEFAULT_PRESET, RUN_RECORD, map_kinds
 from .progress import Progress
 from .registration import Registration, normalized_tensor, register, warp_atlases
 
@@ -190,10 +190,11 @@ _safe = safe_name
 
 def choose_atlases(atlas_set: AtlasSet, n_atlases: int | None, exclude: Sequence[str] = (), seed: int = 0,
                    atlas_ids: Sequence[str] | None = None) -> list[str]:
-    """The atlases to use: given ids, or ``n_atlases`` drawn with a fixed seed from the sorted pool.
+    """The atlases to use: given ids, or ``n_atlases`` drawn with a fixed seed from the sorted pool (the set less
+    ``exclude``). ``n_atlases=None``: up to ``DEFAULT_N_ATLASES`` (the whole pool where it is smaller).
 
-    Ids that are not in the set, and an atlas that is both asked for and excluded, are errors (a typo in an
-    exclusion must not silently let the target be its own atlas)."""
+    Ids that are not in the set, an atlas that is both asked for and excluded (a typo in an exclusion must not
+    silently let the target be its own atlas), and more atlases asked for than the pool holds are errors."""
     where = atlas_set.root or atlas_set.name
     unknown = [a for a in list(atlas_ids or []) + list(exclude) if a not in set(atlas_set.case_ids)]
     if unknown:
@@ -206,10 +207,15 @@ def choose_atlases(atlas_set: AtlasSet, n_atlases: int | None, exclude: Sequence
     pool = sorted(i for i in atlas_set.case_ids if i not in set(exclude))
     if not pool:
         raise AtlasSetError(f"{atlas_set.root or atlas_set.name}: no atlases left after excluding the target")
-    if n_atlases is None or n_atlases >= len(pool):
-        return pool
+    if n_atlases is None:
+        n_atlases = min(DEFAULT_N_ATLASES, len(pool))
     if n_atlases < 1:
         raise ValueError("the number of atlases must be at least 1")
+    if n_atlases > len(pool):
+        after = f" after excluding {', '.join(sorted(set(exclude)))}" if exclude else ""
+        raise ValueError(f"n_atlases={n_atlases}: only {len(pool)} atlas(es) available in {where}{after}")
+    if n_atlases == len(pool):
+        return pool
     rng = np.random.default_rng(seed)
     return sorted(str(x) for x in rng.choice(pool, n_atlases, replace=False))
 
@@ -228,7 +234,7 @@ class PreparedAtlases:
     timings: dict[str, float] = field(default_factory=dict)
 
 
-def prepare(target: Sequence[sitk.Image], atlas_set: AtlasSet, n_atlases: int | None = 10,
+def prepare(target: Sequence[sitk.Image], atlas_set: AtlasSet, n_atlases: int | None = None,
             atlas_ids: Sequence[str] | None = None, exclude: Sequence[str] = (), backend: str = DEFAULT_BACKEND,
             device: str = "auto", preset: str = DEFAULT_PRESET, registration_params: dict | None = None,
             seed: int = 0, atlases: Sequence[LoadedCase] | None = None,
@@ -292,7 +298,7 @@ def fuse_prepared(prepared: PreparedAtlases, method: str, fusion_params: dict | 
                               prepared.labels, prepared.registrations, timings)
 
 
-def segment(target: Sequence[sitk.Image], atlas_set: AtlasSet, method: str = "jlf", n_atlases: int | None = 10,
+def segment(target: Sequence[sitk.Image], atlas_set: AtlasSet, method: str = "jlf", n_atlases: int | None = None,
             atlas_ids: Sequence[str] | None = None, exclude: Sequence[str] = (), backend: str = DEFAULT_BACKEND,
             device: str = "auto", preset: str = DEFAULT_PRESET, fusion_params: dict | None = None,
             registration_params: dict | None = None, seed: int = 0, show_progress: bool = True,
@@ -302,7 +308,8 @@ def segment(target: Sequence[sitk.Image], atlas_set: AtlasSet, method: str = "jl
     Args:
         target: the target's modality images (same modalities and order as the atlas set).
         method: a fusion method (majority, weighted, jlf, staple).
-        n_atlases / atlas_ids / exclude / seed: which atlases (see :func:`choose_atlases`).
+        n_atlases / atlas_ids / exclude / seed: which atlases (see :func:`choose_atlases`; None: up to 10; more
+            than the set holds after ``exclude`` is an error).
         backend / device / preset / registration_params: registration (see :func:`atlasseg.registration.register`).
         atlases: already loaded atlas cases (skips reading; for benchmarks).
     """

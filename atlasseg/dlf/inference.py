@@ -160,7 +160,8 @@ def segment_dlf(target: Sequence[sitk.Image], atlas_set: AtlasSet, model: str | 
                 atlases: Sequence[LoadedCase] | None = None) -> DLFSegmentationResult:
     """Register N atlases to the target with the engine's pipeline, then run the DLF model over it.
 
-    ``n_atlases`` defaults to the number the model was trained with; ``backend`` / ``preset`` default to the
+    ``n_atlases`` defaults to the number the model was trained with (the whole pool where that is smaller; more
+    than the pool is an error); ``backend`` / ``preset`` default to the
     registration settings it was trained with. ``maps`` (True, or kinds including ``weights``) keeps the
     per-atlas weight maps (N x L volumes).
     """
@@ -170,7 +171,10 @@ def segment_dlf(target: Sequence[sitk.Image], atlas_set: AtlasSet, model: str | 
     reg = loaded.config.get("registration", {})
     progress = Progress([("load", 0.05), ("registration", 0.7), ("warp", 0.05), ("fusion", 0.2)],
                         enabled=show_progress)
-    prepared = prepare(target, atlas_set, n_atlases or int(loaded.config["n_atlases"]), atlas_ids, exclude,
+    if n_atlases is None:        # the model's count, or the whole pool where it is smaller
+        pool = [c for c in atlas_set.case_ids if c not in set(exclude)]
+        n_atlases = max(1, min(int(loaded.config["n_atlases"]), len(pool)))
+    prepared = prepare(target, atlas_set, n_atlases, atlas_ids, exclude,
                        backend or reg.get("backend", "torch"), device, preset or reg.get("preset", "default"),
                        None, seed, atlases, progress)
     progress.stage("fusion")(0.0, "deep label fusion")
