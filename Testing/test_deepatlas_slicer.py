@@ -641,3 +641,8 @@ def test_broken_moving_volume_is_refused_naming_the_node(phantoms, tmp_path):
                        workDir=tmp_path / "work")
     assert str(error.value) == f"Volume '{moving.GetName()}': {expected}." and not started
 
+
+
+if __name__ == "__main__":   # python Testing/test_deepatlas_slicer.py: rewrite the panel's screenshot
+    out = REPO / MODULE / "Resources" / "Screenshots" / f"{MODULE}_panel.png"
+    print(render_panel(MODULE, out, deepatlas_example), out)
