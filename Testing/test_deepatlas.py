@@ -497,6 +497,46 @@ def test_geometry_is_exact_on_each_case_own_grid(tmp_path):
     assert torch.allclose(result.fusion.posteriors.sum(0), torch.ones(gx.shape), atol=1e-4)
 
 
+def test_networks_see_at_inference_the_images_they_were_trained_on(phantom_set, tmp_path):
+    """Training reads images pre-aligned by the registration cache; inference pulls a case onto the common grid
+    itself. Both must give the networks the same image, the frame outside the case's own grid included (zeros there
+    at inference cut F_S's test Dice on hippocampus from 0.80 to 0.42)."""
+    from atlasseg.deepatlas import DeepAtlasTrainer
+    from atlasseg.deepatlas.grid import image_to_common_grid
+    from atlasseg.registration import normalized_tensor
+
+    bright = tmp_path / "bright"                   # tissue up to the edges, as in cropped MRI: the frame matters
+    shutil.copytree(phantom_set.root, bright)
+    for path in (bright / "imagesTr").glob("*.nii.gz"):
+        image = sitk.ReadImage(str(path), sitk.sitkFloat32)
+        array = sitk.GetArrayFromImage(image)
+        ramp = np.linspace(0.0, float(array.max()), array.shape[2], dtype=np.float32)    # brighter along x
+        shaded = sitk.GetImageFromArray(array + ramp)
+        shaded.CopyInformation(image)
+        sitk.WriteImage(shaded, str(path))
+    atlas_set = load_atlas_set(bright)
+    config = DeepAtlasTrainConfig(val_fraction=0.2, labelled_fraction=0.4)
+    trainer = DeepAtlasTrainer(atlas_set, tmp_path / "m", DeepAtlasConfig(5, **{**TINY, "grid_shape": (48,) * 3}),
+                               config, device="cpu", show_progress=False, log=lambda message: None)
+    trainer.prepare_data()
+    grid = trainer.grid
+    framed = 0
+    for k, case_id in enumerate(trainer.train_ids[:3]):
+        case = atlas_set.load(case_id)
+        affine = grid.prealign([case.images], "torch", "cpu")[0]
+        image = normalized_tensor(case.images)
+        outside = to_common_grid(torch.ones_like(image[:1]), case.geometry, affine, grid.geometry)[0] < 0.5
+        framed += int(outside.float().mean() > 0.1)                # a wide frame outside the case's grid
+        trained_on = trainer.images[k].cpu()
+        at_inference = image_to_common_grid(image, case.geometry, affine, grid.geometry)
+        zero_frame = to_common_grid(image, case.geometry, affine, grid.geometry, padding="zeros")
+        assert float((at_inference - trained_on).abs().mean()) < 0.02                # the pre-alignments differ
+        assert float((at_inference - trained_on)[:, outside].abs().mean()) < 0.02    # in the last digits only
+        if outside.float().mean() > 0.1:
+            assert float((zero_frame - trained_on)[:, outside].abs().mean()) > 0.2
+    assert framed >= 1
+
+
 def test_affine_fit_refuses_a_deformable_pre_alignment():
     geometry = Geometry((8, 8, 8), (1.0, 1.0, 1.0), (0.0, 0.0, 0.0), tuple(np.eye(3).reshape(-1)))
     matrix = np.array([[1.02, 0.01, 0, 1.5], [0, 0.98, 0.02, -2.0], [0.01, 0, 1.0, 0.5], [0, 0, 0, 1]])

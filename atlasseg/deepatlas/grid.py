@@ -29,10 +29,14 @@ from ..registration import DisplacementField, register, warp_image
 from ..registration.transforms import affine_field, grid_points, physical_to_normalized
 from .config import GRID_DIVISOR
 
-__all__ = ["AffineFitError", "CommonGrid", "affine_from_field", "common_geometry", "labels_to_common_grid",
+__all__ = ["AffineFitError", "CommonGrid", "affine_from_field", "common_geometry", "image_to_common_grid",
+           "labels_to_common_grid",
            "sample_on", "to_case_grid", "to_common_grid"]
 
 AFFINE_TOLERANCE_MM = 1e-2     # largest distance between a pre-alignment field and its fitted affine
+# Images outside a case's own grid take its edge values, as the registration cache's warp gives them to training;
+# inference must feed the networks the same (zeros there cut F_S's test Dice from 0.80 to 0.42 on hippocampus).
+IMAGE_PADDING = "border"
 
 
 class AffineFitError(ValueError):
@@ -83,6 +87,12 @@ def to_common_grid(volume: torch.Tensor, case: Geometry, affine: np.ndarray, gri
     """A case's (C, Z, Y, X) volume pulled onto the common grid through its pre-alignment ``affine`` (common point
     -> case point), linearly."""
     return _resample(volume, case, grid, affine, "bilinear", padding)
+
+
+def image_to_common_grid(image: torch.Tensor, case: Geometry, affine: np.ndarray, grid: Geometry) -> torch.Tensor:
+    """A case's normalised (C, Z, Y, X) image on the common grid as the networks saw images in training (edge
+    values outside the case's grid, ``IMAGE_PADDING``)."""
+    return to_common_grid(image, case, affine, grid, IMAGE_PADDING)
 
 
 def to_case_grid(volume: torch.Tensor, grid: Geometry, affine: np.ndarray, case: Geometry,

@@ -40,7 +40,7 @@ from ..registration import DisplacementField, Registration, normalized_tensor, w
 from ..registration.transforms import grid_points
 from ..segmenter import SegmenterResult
 from .fields import field_jacobian_determinant, jacobian_stats, voxel_to_mm
-from .grid import CommonGrid, labels_to_common_grid, sample_on, to_case_grid, to_common_grid
+from .grid import CommonGrid, image_to_common_grid, labels_to_common_grid, sample_on, to_case_grid
 from .model import DeepAtlasModel, load_common_grid
 from .objective import Objective, PairBatch
 
@@ -178,7 +178,7 @@ def predict_segmentation(bundle: DeepAtlasModelBundle, target: Sequence[sitk.Ima
     t0 = time.perf_counter()
     affine = prealign_cached(bundle, [target], dev)[0]
     t1 = time.perf_counter()
-    image = to_common_grid(normalized_tensor(target, dev), geometry, affine, bundle.grid.geometry)
+    image = image_to_common_grid(normalized_tensor(target, dev), geometry, affine, bundle.grid.geometry)
     model = bundle.model.to(dev).eval()
     n_labels = model.config.n_labels
     with torch.no_grad():
@@ -302,12 +302,12 @@ def register_learned(target: sitk.Image | Sequence[sitk.Image],
     n_iter = LEARNED_PRESETS[preset] if iterations is None else int(iterations)
     model = bundle.model.to(dev).eval()
     objective = _objective(bundle)
-    fixed = to_common_grid(normalized_tensor(target, dev), target_geometry, affines[0], grid.geometry)
+    fixed = image_to_common_grid(normalized_tensor(target, dev), target_geometry, affines[0], grid.geometry)
     out = []
     for start in range(0, len(atlases), batch_size):
         chunk = range(start, min(len(atlases), start + batch_size))
         report(0.1 + 0.9 * start / len(atlases), f"learned registration of atlases {start + 1}-{chunk[-1] + 1}")
-        moving = torch.stack([to_common_grid(normalized_tensor(atlases[k], dev), atlas_geometries[k],
+        moving = torch.stack([image_to_common_grid(normalized_tensor(atlases[k], dev), atlas_geometries[k],
                                              affines[k + 1], grid.geometry) for k in chunk])
         fixed_b = fixed[None].expand(len(chunk), *fixed.shape)
         with torch.no_grad():
