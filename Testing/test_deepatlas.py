@@ -115,7 +115,6 @@ def identity_model(folder, reference_image: sitk.Image, labels=PHANTOM_LABELS, g
     return folder
 
 
-
 def test_prealignment_measures_similarity_inside_the_reference_field_of_view(tmp_path):
     """Real hippocampus crops: registered to the reference padded onto the common grid without a mask, these three
     cases landed off the hippocampus (label Dice 0.00-0.12 with the reference); measured inside the reference's own
@@ -148,6 +147,7 @@ def test_prealignment_measures_similarity_inside_the_reference_field_of_view(tmp
                {0: "MRI"}, 0, extra)
     loaded = load_common_grid(load_model(folder, method="deepatlas"))
     assert torch.equal(loaded.fov, grid.fov) and loaded.key() == grid.key()
+
 
 # ---------------------------------------------------------------------------------------------------------------
 # configuration

@@ -645,7 +645,6 @@ def test_broken_moving_volume_is_refused_naming_the_node(phantoms, tmp_path):
     assert str(error.value) == f"Volume '{moving.GetName()}': {expected}." and not started
 
 
-
 if __name__ == "__main__":   # PYTHONPATH=.:Testing python Testing/test_deepatlas_slicer.py: rewrite the screenshot
     out = REPO / MODULE / "Resources" / "Screenshots" / f"{MODULE}_panel.png"
     print(render_panel(MODULE, out, deepatlas_example), out)

@@ -188,6 +188,11 @@ def amend_run_record(out_dir: str | Path, fields: dict) -> Path:
 _safe = safe_name
 
 
+def atlas_pool(atlas_set: AtlasSet, exclude: Sequence[str] = ()) -> list[str]:
+    """The sorted case ids atlases are drawn from: the set less ``exclude``."""
+    return sorted(i for i in atlas_set.case_ids if i not in set(exclude))
+
+
 def choose_atlases(atlas_set: AtlasSet, n_atlases: int | None, exclude: Sequence[str] = (), seed: int = 0,
                    atlas_ids: Sequence[str] | None = None) -> list[str]:
     """The atlases to use: given ids, or ``n_atlases`` drawn with a fixed seed from the sorted pool (the set less
@@ -204,7 +209,7 @@ def choose_atlases(atlas_set: AtlasSet, n_atlases: int | None, exclude: Sequence
         if both:
             raise ValueError(f"atlas id(s) {both} are both requested and excluded")
         return list(atlas_ids)
-    pool = sorted(i for i in atlas_set.case_ids if i not in set(exclude))
+    pool = atlas_pool(atlas_set, exclude)
     if not pool:
         raise AtlasSetError(f"{atlas_set.root or atlas_set.name}: no atlases left after excluding the target")
     if n_atlases is None:

@@ -30,8 +30,7 @@ from ..registration.transforms import affine_field, grid_points, physical_to_nor
 from .config import GRID_DIVISOR
 
 __all__ = ["AffineFitError", "CommonGrid", "affine_from_field", "common_geometry", "image_to_common_grid",
-           "labels_to_common_grid",
-           "sample_on", "to_case_grid", "to_common_grid"]
+           "labels_to_common_grid", "sample_on", "to_case_grid", "to_common_grid"]
 
 AFFINE_TOLERANCE_MM = 1e-2     # largest distance between a pre-alignment field and its fitted affine
 # Images outside a case's own grid take its edge values, as the registration cache's warp gives them to training;

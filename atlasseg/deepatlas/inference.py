@@ -308,7 +308,7 @@ def register_learned(target: sitk.Image | Sequence[sitk.Image],
         chunk = range(start, min(len(atlases), start + batch_size))
         report(0.1 + 0.9 * start / len(atlases), f"learned registration of atlases {start + 1}-{chunk[-1] + 1}")
         moving = torch.stack([image_to_common_grid(normalized_tensor(atlases[k], dev), atlas_geometries[k],
-                                             affines[k + 1], grid.geometry) for k in chunk])
+                                                   affines[k + 1], grid.geometry) for k in chunk])
         fixed_b = fixed[None].expand(len(chunk), *fixed.shape)
         with torch.no_grad():
             raw = model.registration(moving, fixed_b)

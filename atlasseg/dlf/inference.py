@@ -18,7 +18,7 @@ from ..inference import prediction_region, uncrop
 from ..io import label_pixel_type, tensor_to_image, write_image
 from ..methods import map_kinds
 from ..model_io import LoadedModel, check_compatible, load_model
-from ..pipeline import PreparedAtlases, SegmentationResult, prepare
+from ..pipeline import PreparedAtlases, SegmentationResult, atlas_pool, prepare
 from ..progress import Progress
 from .networks import coordinate_maps
 
@@ -161,9 +161,8 @@ def segment_dlf(target: Sequence[sitk.Image], atlas_set: AtlasSet, model: str | 
     """Register N atlases to the target with the engine's pipeline, then run the DLF model over it.
 
     ``n_atlases`` defaults to the number the model was trained with (the whole pool where that is smaller; more
-    than the pool is an error); ``backend`` / ``preset`` default to the
-    registration settings it was trained with. ``maps`` (True, or kinds including ``weights``) keeps the
-    per-atlas weight maps (N x L volumes).
+    than the pool is an error); ``backend`` / ``preset`` default to the registration settings it was trained with.
+    ``maps`` (True, or kinds including ``weights``) keeps the per-atlas weight maps (N x L volumes).
     """
     check_target_images(target)
     loaded = model if isinstance(model, LoadedModel) else load_model(model, "cpu", method="dlf")
@@ -172,8 +171,7 @@ def segment_dlf(target: Sequence[sitk.Image], atlas_set: AtlasSet, model: str | 
     progress = Progress([("load", 0.05), ("registration", 0.7), ("warp", 0.05), ("fusion", 0.2)],
                         enabled=show_progress)
     if n_atlases is None:        # the model's count, or the whole pool where it is smaller
-        pool = [c for c in atlas_set.case_ids if c not in set(exclude)]
-        n_atlases = max(1, min(int(loaded.config["n_atlases"]), len(pool)))
+        n_atlases = max(1, min(int(loaded.config["n_atlases"]), len(atlas_pool(atlas_set, exclude))))
     prepared = prepare(target, atlas_set, n_atlases, atlas_ids, exclude,
                        backend or reg.get("backend", "torch"), device, preset or reg.get("preset", "default"),
                        None, seed, atlases, progress)
