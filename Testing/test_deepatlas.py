@@ -149,6 +149,59 @@ def test_prealignment_measures_similarity_inside_the_reference_field_of_view(tmp
     assert torch.equal(loaded.fov, grid.fov) and loaded.key() == grid.key()
 
 
+def test_prealignment_bounds_its_scales_as_the_model_was_trained(tmp_path):
+    """Real hippocampus crops that one reference cannot hold unbounded: hippocampus_126 and _015 pre-aligned to
+    hippocampus_003 squeeze one axis to 0.48 / 0.58 (label Dice with the reference 0.21 / 0.52); with the default
+    bound of 1.5 their scales stay in [2/3, 1.5] and their Dice rises; a case within the bound is not touched.
+    A model folder records the bound, inference reads it, and older folders stay unbounded."""
+    from atlasseg.deepatlas.config import PREALIGN_MAX_SCALE
+    from atlasseg.deepatlas.inference import clear_prealignment_cache, load_deepatlas, prealign_cached
+    from atlasseg.registration import normalized_tensor
+    from atlasseg.registration.transforms import affine_scales, scales_within
+
+    root = shared_dataset("hippocampus")
+    read = lambda kind, case: sitk.ReadImage(str(root / kind / f"hippocampus_{case}.nii.gz"))  # noqa: E731
+    reference = read("imagesTr", "003")
+    grid = CommonGrid.from_reference("003", normalized_tensor([reference]), Geometry.of(reference))
+    reference_label = labels_to_common_grid(labels_to_tensor(read("labelsTr", "003")), 3, Geometry.of(reference),
+                                            np.eye(4), grid.geometry)
+
+    def dice_with_reference(case: str, affine: np.ndarray) -> float:
+        label = read("labelsTr", case)
+        pulled = labels_to_common_grid(labels_to_tensor(label), 3, Geometry.of(label), affine, grid.geometry)
+        return float(np.mean(dice_per_label(pulled, reference_label, 3)))
+
+    assert DeepAtlasTrainConfig().prealign_max_scale == PREALIGN_MAX_SCALE == 1.5
+    bounded_dice = {}
+    for case in ("126", "015"):
+        free, bounded = (grid.prealign([[read("imagesTr", case)]], "torch", "cpu", max_scale=bound)[0]
+                         for bound in (None, PREALIGN_MAX_SCALE))
+        assert affine_scales(free).min() < 0.6 and not scales_within(free, 1.5), affine_scales(free)
+        assert scales_within(bounded, 1.5 + 1e-3), affine_scales(bounded)
+        bounded_dice[case] = dice_with_reference(case, bounded)
+        assert bounded_dice[case] > dice_with_reference(case, free) + 0.05, case
+    assert bounded_dice["126"] > 0.55, bounded_dice
+    ordinary = [[read("imagesTr", "004")]]
+    assert np.allclose(grid.prealign(ordinary, "torch", "cpu")[0],       # equal up to run-to-run rounding
+                       grid.prealign(ordinary, "torch", "cpu", max_scale=PREALIGN_MAX_SCALE)[0], rtol=0, atol=1e-9)
+
+    arch = DeepAtlasConfig(3, **{**TINY, "grid_shape": grid.shape})
+    labels = {0: "background", 1: "a", 2: "b"}
+    for bound in (PREALIGN_MAX_SCALE, None):
+        folder = tmp_path / f"model_{bound}"
+        folder.mkdir()
+        prealignment = {"backend": "torch", "preset": "affine", "reference_id": "003"}
+        if bound is not None:
+            prealignment["max_scale"] = bound
+        extra = {"common_grid": save_common_grid(folder, grid), "prealignment": prealignment}
+        save_model(folder, "deepatlas", build_model(arch), arch.to_dict(), labels, {0: "MRI"}, 0, extra)
+        bundle = load_deepatlas(folder)
+        assert bundle.prealign_max_scale == bound
+        clear_prealignment_cache()
+        (affine,) = prealign_cached(bundle, [[read("imagesTr", "126")]], "cpu")
+        assert scales_within(affine, 1.5 + 1e-3) == (bound is not None), affine_scales(affine)
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # configuration
 
@@ -523,7 +576,7 @@ def test_networks_see_at_inference_the_images_they_were_trained_on(phantom_set, 
     framed = 0
     for k, case_id in enumerate(trainer.train_ids[:3]):
         case = atlas_set.load(case_id)
-        affine = grid.prealign([case.images], "torch", "cpu")[0]
+        affine = grid.prealign([case.images], "torch", "cpu", max_scale=config.prealign_max_scale)[0]
         image = normalized_tensor(case.images)
         outside = to_common_grid(torch.ones_like(image[:1]), case.geometry, affine, grid.geometry)[0] < 0.5
         framed += int(outside.float().mean() > 0.1)                # a wide frame outside the case's grid

@@ -104,6 +104,49 @@ def test_affine_recovers_known_transform():
     assert error.mean() < 0.5 and np.percentile(error, 95) < 1.0, (error.mean(), error.max())
 
 
+def _stretched_pair(factor: float):
+    """A phantom and a copy stretched by ``factor`` along x about its centre (image point -> atlas point: x
+    scaled by ``factor``)."""
+    image, _ = make_phantom(4, shape=(44, 52, 44), deformation_mm=0.0)
+    center = np.array(image.TransformContinuousIndexToPhysicalPoint([(s - 1) / 2 for s in image.GetSize()]))
+    truth = sitk.AffineTransform(3)
+    truth.SetCenter(center.tolist())
+    truth.SetMatrix(np.diag([factor, 1.0, 1.0]).ravel().tolist())
+    return image, sitk.Resample(image, image, truth.GetInverse(), sitk.sitkLinear, 0.0)
+
+
+@pytest.mark.parametrize("backend", ["torch", "greedy"])
+def test_affine_scales_stay_within_max_scale(backend):
+    """An atlas stretched 1.8x along x: unbounded, the affine finds the stretch; with max_scale=1.5 the torch
+    backend keeps its scales on [1/1.5, 1.5] (projected) and greedy falls back to a rigid registration. Within
+    the bound nothing changes (bit for bit with torch)."""
+    from atlasseg.deepatlas.grid import affine_from_field
+    from atlasseg.registration.transforms import affine_scales
+
+    extra = {"threads": 1} if backend == "greedy" else {}
+    image, stretched = _stretched_pair(1.8)
+    free, bounded = (affine_from_field(register([image], [[stretched]], backend=backend, device="cpu",
+                                                 preset="affine", max_scale=bound, **extra)[0].forward)
+                     for bound in (None, 1.5))
+    assert affine_scales(free[:3, :3]).max() > 1.6, affine_scales(free[:3, :3])
+    scales = affine_scales(bounded[:3, :3])
+    assert scales.max() <= 1.5 + 1e-3 and scales.min() >= 1 / 1.5 - 1e-3, scales
+    if backend == "greedy":
+        assert np.allclose(scales, 1.0, atol=1e-3), scales                   # the rigid fallback
+    else:
+        assert scales.max() > 1.45, scales                                   # the constrained optimum: the bound
+
+    image, mild = _stretched_pair(1.1)
+    free, bounded = (register([image], [[mild]], backend=backend, device="cpu", preset="affine", max_scale=bound,
+                              **extra)[0].forward for bound in (None, 1.5))
+    if backend == "torch":
+        assert torch.equal(free.field, bounded.field)
+    else:                                   # greedy's affine differs from run to run in the third digit
+        assert affine_scales(affine_from_field(bounded)[:3, :3]).max() > 1.08      # kept, not made rigid
+    with pytest.raises(ValueError, match="max_scale must be a number >= 1"):
+        register([image], [[mild]], backend=backend, device="cpu", preset="affine", max_scale=0.5)
+
+
 def test_batched_registration_of_several_atlases(phantom_atlas_dir):
     from atlasseg.atlas import load_atlas_set
 

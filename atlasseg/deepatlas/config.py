@@ -18,6 +18,7 @@ __all__ = ["DEFORMATIONS", "GRID_DIVISOR", "DeepAtlasConfig", "DeepAtlasTrainCon
 
 DEFORMATIONS = ("svf", "displacement")
 GRID_DIVISOR = 16          # the common grid's size along every axis is a multiple of this
+PREALIGN_MAX_SCALE = 1.5   # pre-alignment scales outside [1/1.5, 1.5] are a failed registration, not anatomy
 REGISTRATION_UNET = {"channels": [16, 32, 32, 32, 32]}   # VoxelMorph's encoder widths; 4 halvings (divisor 16)
 
 
@@ -129,7 +130,10 @@ class DeepAtlasTrainConfig(TrainConfig):
     Optimisers: AdamW, ``registration_learning_rate`` for F_R and ``learning_rate`` for F_S, ``weight_decay``;
     the step/cosine ``schedule`` of :class:`~atlasseg.training.TrainConfig` runs over the rounds (pretraining at
     the full rate). ``batch_size`` pairs (or cases) per step, whole volumes on the common grid. Pre-alignment:
-    ``backend`` with preset ``affine`` (the only one allowed), cached. ``val_interval``: validate every that many
+    ``backend`` with preset ``affine`` (the only one allowed), cached; ``prealign_max_scale``: the affine's scales
+    are kept in [1/s, s] (None: unbounded; a single reference otherwise fails on the odd case: 2 of the 200
+    hippocampus cases scaled one axis by 0.5-0.6 without it, and their label Dice with the reference fell to
+    0.1-0.4). ``val_interval``: validate every that many
     rounds (and after each pretraining and the last round); ``checkpoint_steps``: also checkpoint every that many
     steps. Unused here: ``n_atlases``, ``patch_size``, ``foreground_ratio``, ``patches_per_target``,
     ``candidates_per_target``, ``overlap``, ``augment``, ``mixed_precision`` (whole volumes, no augmentation,
@@ -140,6 +144,7 @@ class DeepAtlasTrainConfig(TrainConfig):
     learning_rate: float = 1e-3
     weight_decay: float = 0.0
     preset: str = "affine"
+    prealign_max_scale: float | None = PREALIGN_MAX_SCALE
     val_interval: int = 10
     labelled: tuple[str, ...] = ()
     labelled_fraction: float | None = None
@@ -196,6 +201,11 @@ class DeepAtlasTrainConfig(TrainConfig):
         if self.preset != "affine":
             raise ValueError(f"DeepAtlas pre-aligns every case affinely: preset must be 'affine', got "
                              f"{self.preset!r}")
+        if self.prealign_max_scale is not None:
+            value = self.prealign_max_scale
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 1:
+                raise ValueError(f"prealign_max_scale must be a number >= 1 (or null: unbounded), got {value!r}")
+            self.prealign_max_scale = float(value)
         if self.similarity not in SIMILARITIES:
             raise ValueError(f"similarity must be one of {', '.join(SIMILARITIES)}, got {self.similarity!r}")
         if self.regularizer not in REGULARIZERS:

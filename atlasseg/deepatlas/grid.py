@@ -30,7 +30,7 @@ from ..registration.transforms import affine_field, grid_points, physical_to_nor
 from .config import GRID_DIVISOR
 
 __all__ = ["AffineFitError", "CommonGrid", "affine_from_field", "common_geometry", "image_to_common_grid",
-           "labels_to_common_grid", "sample_on", "to_case_grid", "to_common_grid"]
+           "labels_to_common_grid", "prealignment_settings", "sample_on", "to_case_grid", "to_common_grid"]
 
 AFFINE_TOLERANCE_MM = 1e-2     # largest distance between a pre-alignment field and its fitted affine
 # Images outside a case's own grid take its edge values, as the registration cache's warp gives them to training;
@@ -168,12 +168,21 @@ class CommonGrid:
         return paths
 
     def prealign(self, cases: Sequence[Sequence[sitk.Image]], backend: str = "torch",
-                 device: str | torch.device = "auto", progress=None) -> list[np.ndarray]:
+                 device: str | torch.device = "auto", progress=None, max_scale: float | None = None
+                 ) -> list[np.ndarray]:
         """Affine pre-alignment of cases (each its channel images) to the reference: per case the 4x4 matrix
-        common point -> case point (one batched registration)."""
+        common point -> case point (one batched registration); ``max_scale``: the bound on its scales
+        (:func:`prealignment_settings`)."""
         regs = register(self.images(), [list(c) for c in cases], backend=backend, device=device, preset="affine",
-                        mask=self.fov_mask(), progress=progress)
+                        mask=self.fov_mask(), progress=progress, **prealignment_settings(max_scale))
         return [affine_from_field(r.forward) for r in regs]
+
+
+def prealignment_settings(max_scale: float | None) -> dict:
+    """The registration settings of a pre-alignment (training's registration cache and inference use the same):
+    ``max_scale`` bounds the affine's scales to [1/max_scale, max_scale] (None: unbounded, as model folders
+    written before the bound were trained)."""
+    return {} if max_scale is None else {"max_scale": float(max_scale)}
 
 
 def sample_on(volume: torch.Tensor, geometry: Geometry, points: torch.Tensor, padding: str = "border"

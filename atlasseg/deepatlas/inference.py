@@ -67,6 +67,13 @@ class DeepAtlasModelBundle:
         return str((self.loaded.config.get("prealignment") or {}).get("backend", "torch"))
 
     @property
+    def prealign_max_scale(self) -> float | None:
+        """The bound on the pre-alignment's scales the model was trained with (None: unbounded, as folders
+        written before the bound)."""
+        value = (self.loaded.config.get("prealignment") or {}).get("max_scale")
+        return None if value is None else float(value)
+
+    @property
     def training(self) -> dict:
         return (self.loaded.config.get("training") or {}).get("config") or {}
 
@@ -140,16 +147,17 @@ def _image_digest(channels: Sequence[sitk.Image]) -> str:
 def prealign_cached(bundle: DeepAtlasModelBundle, cases: Sequence[Sequence[sitk.Image]],
                     device: str | torch.device) -> list[np.ndarray]:
     """Per case (its channel images) the affine pre-alignment to the model's reference (common point -> case
-    point), computed for the cases not seen before with the same reference, backend and device. One case per
-    registration: a batched one differs in the last float digits with its batch, and a result must not depend on
-    which images were registered before."""
+    point), computed for the cases not seen before with the same reference, backend, scale bound and device. One
+    case per registration: a batched one differs in the last float digits with its batch, and a result must not
+    depend on which images were registered before."""
     dev = str(resolve_device(device))
-    keys = [(bundle.grid_key, bundle.backend, dev, _image_digest(c)) for c in cases]
+    bound = bundle.prealign_max_scale
+    keys = [(bundle.grid_key, bundle.backend, bound, dev, _image_digest(c)) for c in cases]
     for key, case in zip(keys, cases):
         if key not in _PREALIGNED:
             if len(_PREALIGNED) >= PREALIGN_CACHE_SIZE:
                 _PREALIGNED.pop(next(iter(_PREALIGNED)))        # the oldest entry
-            _PREALIGNED[key] = bundle.grid.prealign([case], bundle.backend, dev)[0]
+            _PREALIGNED[key] = bundle.grid.prealign([case], bundle.backend, dev, max_scale=bound)[0]
     return [_PREALIGNED[k].copy() for k in keys]
 
 

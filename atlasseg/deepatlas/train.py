@@ -51,7 +51,7 @@ from ..training import CHECKPOINT, CURVES, LOG, TrainingError, TrainResult, dice
 from ..training.trainer import _plain, load_checkpoint, model_state, save_checkpoint, write_csv
 from .config import DeepAtlasConfig, DeepAtlasTrainConfig
 from .fields import jacobian_determinant, jacobian_stats
-from .grid import CommonGrid
+from .grid import CommonGrid, prealignment_settings
 from .model import DeepAtlasModel, build_model, save_common_grid
 from .objective import Objective, PairBatch, onehot
 
@@ -248,6 +248,7 @@ class DeepAtlasTrainer:
         extended = AtlasSet(self.atlas_set.name, [*self.atlas_set.cases, AtlasCase(key, list(paths), None)],
                             dict(self.atlas_set.labels), dict(self.atlas_set.modalities), self.atlas_set.root)
         cache = RegistrationCache(self.cache_dir, extended, cfg.backend, "affine", self.device,
+                                  settings=prealignment_settings(cfg.prealign_max_scale),
                                   fixed_masks={key: self.grid.fov_mask()})
         ids = self.train_ids + self.val_ids
         computed = cache.ensure({key: ids}, progress, parts=("warped",))
@@ -525,7 +526,8 @@ class DeepAtlasTrainer:
         last = next((r for r in reversed(history) if r["val_dice_segmentation"] == r["val_dice_segmentation"]), {})
         extra = {"common_grid": self.reference_entry,
                  "prealignment": {"backend": self.config.backend, "preset": "affine",
-                                  "reference_id": self.grid.reference_id},
+                                  "reference_id": self.grid.reference_id,
+                                  "max_scale": self.config.prealign_max_scale},
                  "training": self.training_summary(step, elapsed, executed),
                  "validation": {"best_mean_dice": last.get("val_dice_segmentation", float("nan")),
                                 "selection": "the last weights (F_S Dice on the common grid, for monitoring)",

@@ -97,7 +97,9 @@ def register(target: sitk.Image | Sequence[sitk.Image], atlases: Sequence[sitk.I
         backend: "torch" (batched, CUDA when available), "greedy" (PICSL Greedy, CPU) or "learned" (a DeepAtlas
             model's registration network: ``model=DIR`` or :func:`learned_model`; one forward pass per atlas,
             ``iterations=N`` steps of test-time optimisation; see :func:`atlasseg.deepatlas.register_learned`).
-        preset: "fast", "default", "accurate" or "affine"; ``overrides`` change single settings of the backend.
+        preset: "fast", "default", "accurate" or "affine"; ``overrides`` change single settings of the backend
+            (e.g. ``max_scale=1.5``: the affine's scales kept in [1/1.5, 1.5], by projection in the torch backend
+            and by a rigid fallback in greedy; None by default).
         mask: optional target mask (non-zero = inside) restricting the similarity metric.
     Returns: one :class:`Registration` per atlas, in order.
     """
@@ -111,6 +113,10 @@ def register(target: sitk.Image | Sequence[sitk.Image], atlases: Sequence[sitk.I
     for k, a in enumerate(atlases):
         if len(a) != len(target):
             raise ValueError(f"atlas {k} has {len(a)} channel(s), the target has {len(target)}")
+    max_scale = overrides.get("max_scale")
+    if max_scale is not None and (isinstance(max_scale, bool) or not isinstance(max_scale, (int, float))
+                                  or not max_scale >= 1.0):
+        raise ValueError(f"max_scale must be a number >= 1 (or None), got {max_scale!r}")
     dev = resolve_device(device)
     target_geometry = Geometry.of(target[0])
     atlas_geometries = [Geometry.of(a[0]) for a in atlases]

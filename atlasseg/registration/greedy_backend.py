@@ -20,7 +20,7 @@ import SimpleITK as sitk
 import torch
 
 from ..io import Geometry
-from .transforms import DisplacementField, fields_from_affine_and_displacement
+from .transforms import DisplacementField, fields_from_affine_and_displacement, scales_within
 
 RAS_FROM_LPS = np.diag([-1.0, -1.0, 1.0, 1.0])
 
@@ -35,6 +35,8 @@ class GreedySettings:
     affine: bool = True
     deformable: bool = True
     threads: int = 0  # 0: greedy's default (all cores)
+    max_scale: float | None = None  # an affine whose scales (singular values) leave [1/max_scale, max_scale] is
+                                    # replaced by a rigid one (-dof 6) from the same start (None: kept as found)
 
 
 PRESETS = {
@@ -106,6 +108,10 @@ def register_pair(fixed: Sequence[sitk.Image], moving: Sequence[sitk.Image], set
         g.execute(f"-a -dof 12 {inputs} {init} {metric} -n {settings.affine_iterations} -o aff{threads}"
                   f"{mask_arg}", out=log, aff=None, **names)
         affine_ras = np.asarray(g["aff"], dtype=np.float64)
+        if settings.max_scale is not None and not scales_within(affine_ras[:3, :3], settings.max_scale):
+            g.execute(f"-a -dof 6 {inputs} {init} {metric} -n {settings.affine_iterations} -o aff{threads}"
+                      f"{mask_arg}", out=log, aff=None, **names)
+            affine_ras = np.asarray(g["aff"], dtype=np.float64)
         init_deform = "-it aff"
     elif settings.moments:
         affine_ras = np.asarray(g["mom"], dtype=np.float64)

@@ -54,6 +54,8 @@ class TorchRegistrationSettings:
     svf_steps: int = 7              # scaling-and-squaring steps (svf model)
     inverse_iterations: int = 20    # fixed-point iterations of the inverse (compositive model)
     init: str = "moments"           # "moments" (centres of mass), "center" (grid centres) or "identity"
+    max_scale: float | None = None  # affine scales (singular values) kept in [1/max_scale, max_scale] by projection
+                                    # after every step (None: unconstrained)
     max_voxels: int = 1_500_000     # the finest level is coarsened (x2 per step) until it has at most this many
                                     # voxels; fields are then upsampled to the full grid (large volumes only)
     affine: bool = True
@@ -209,6 +211,18 @@ def _affine_matrix(m: torch.Tensor, t: torch.Tensor, center: torch.Tensor, radiu
     return torch.cat([top, bottom], dim=1)
 
 
+def _bound_scales(m: torch.Tensor, max_scale: float) -> None:
+    """Project the linear parts I + M (N, 3, 3) whose singular values leave [1/max_scale, max_scale] onto that
+    range, in place (the others are left untouched, bit for bit)."""
+    with torch.no_grad():
+        lin = torch.eye(3, dtype=m.dtype, device=m.device) + m
+        u, s, vh = torch.linalg.svd(lin)
+        outside = ((s < 1.0 / max_scale) | (s > max_scale)).any(dim=1)
+        if bool(outside.any()):
+            bounded = u @ torch.diag_embed(s.clamp(1.0 / max_scale, max_scale)) @ vh
+            m[outside] = (bounded - torch.eye(3, dtype=m.dtype, device=m.device))[outside]
+
+
 def register_batch(target: torch.Tensor, target_geometry: Geometry, atlases: Sequence[torch.Tensor],
                    atlas_geometries: Sequence[Geometry], settings: TorchRegistrationSettings,
                    mask: torch.Tensor | None = None, progress: ProgressFn | None = None) -> AffineDeformable:
@@ -279,6 +293,8 @@ def register_batch(target: torch.Tensor, target_geometry: Geometry, atlases: Seq
                 losses = metric(warped, lv.target.expand(n, *lv.target.shape))
                 losses.sum().backward()
                 opt.step()
+                if settings.max_scale is not None:
+                    _bound_scales(m, settings.max_scale)
                 done += 1
                 if it % 10 == 0:
                     report(f"affine level {li + 1}/{len(levels)}")

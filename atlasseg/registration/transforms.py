@@ -107,6 +107,17 @@ class DisplacementField:
         return float(self.field.norm(dim=0).max())
 
 
+def affine_scales(linear: np.ndarray | torch.Tensor) -> np.ndarray:
+    """The scales of a 3x3 linear map: its singular values, largest first (a rotation's are all 1)."""
+    return np.linalg.svd(np.asarray(linear, dtype=np.float64)[:3, :3], compute_uv=False)
+
+
+def scales_within(linear: np.ndarray | torch.Tensor, max_scale: float) -> bool:
+    """Whether every scale of a 3x3 linear map lies in [1/max_scale, max_scale]."""
+    s = affine_scales(linear)
+    return bool(s.max() <= max_scale and s.min() >= 1.0 / max_scale)
+
+
 def affine_field(matrix: np.ndarray | torch.Tensor, geometry: Geometry, device=None) -> DisplacementField:
     """The displacement field of a 4x4 physical affine (fixed point -> moving point) on ``geometry``."""
     m = torch.as_tensor(np.asarray(matrix), dtype=torch.float32, device=device)
