@@ -117,28 +117,29 @@ def _stretched_pair(factor: float):
 
 @pytest.mark.parametrize("backend", ["torch", "greedy"])
 def test_affine_scales_stay_within_max_scale(backend):
-    """An atlas stretched 1.8x along x: unbounded, the affine finds the stretch; with max_scale=1.5 the torch
-    backend keeps its scales on [1/1.5, 1.5] (projected) and greedy falls back to a rigid registration. Within
-    the bound nothing changes (bit for bit with torch)."""
+    """An atlas stretched 1.8x along x: unbounded, the affine finds a stretch (greedy's varies from run to run,
+    1.55-1.75 here); with max_scale=1.25 the torch backend keeps its scales on [1/1.25, 1.25] (projected) and
+    greedy falls back to a rigid registration. Within the bound nothing changes (bit for bit with torch)."""
     from atlasseg.deepatlas.grid import affine_from_field
     from atlasseg.registration.transforms import affine_scales
 
+    bound = 1.25
     extra = {"threads": 1} if backend == "greedy" else {}
     image, stretched = _stretched_pair(1.8)
     free, bounded = (affine_from_field(register([image], [[stretched]], backend=backend, device="cpu",
-                                                 preset="affine", max_scale=bound, **extra)[0].forward)
-                     for bound in (None, 1.5))
-    assert affine_scales(free[:3, :3]).max() > 1.6, affine_scales(free[:3, :3])
+                                                 preset="affine", max_scale=limit, **extra)[0].forward)
+                     for limit in (None, bound))
+    assert affine_scales(free[:3, :3]).max() > 1.4, affine_scales(free[:3, :3])
     scales = affine_scales(bounded[:3, :3])
-    assert scales.max() <= 1.5 + 1e-3 and scales.min() >= 1 / 1.5 - 1e-3, scales
+    assert scales.max() <= bound + 1e-3 and scales.min() >= 1 / bound - 1e-3, scales
     if backend == "greedy":
         assert np.allclose(scales, 1.0, atol=1e-3), scales                   # the rigid fallback
     else:
-        assert scales.max() > 1.45, scales                                   # the constrained optimum: the bound
+        assert scales.max() > bound - 0.02, scales                           # the constrained optimum: the bound
 
     image, mild = _stretched_pair(1.1)
-    free, bounded = (register([image], [[mild]], backend=backend, device="cpu", preset="affine", max_scale=bound,
-                              **extra)[0].forward for bound in (None, 1.5))
+    free, bounded = (register([image], [[mild]], backend=backend, device="cpu", preset="affine", max_scale=limit,
+                              **extra)[0].forward for limit in (None, bound))
     if backend == "torch":
         assert torch.equal(free.field, bounded.field)
     else:                                   # greedy's affine differs from run to run in the third digit
