@@ -5,10 +5,11 @@ The common grid has the reference's direction and centre; its spacing and shape 
 reference image (percentile-normalised, resampled onto the common grid with zeros outside the reference) is what
 every case is registered to, with the engine's registration (preset ``affine``) and its similarity measured only
 inside the reference's own field of view (``fov``: the zero frame around it made the torch backend's affine fail on
-about 12% of the hippocampus cases, Dice near 0 against 0.69 with the mask); the forward field of that
-registration is an exact affine ``A`` (common point -> case point), recovered here as a 4x4 matrix by least squares
-(the residual is checked). A case is pulled onto the common grid through ``A`` and results are pulled back onto
-its own grid through ``A^-1``: one resampling each way, points in float64.
+about 12% of the hippocampus cases, Dice near 0 against 0.69 with the mask) and its scales bounded
+(:func:`prealignment_settings`: unbounded, 2 of the 200 hippocampus cases were squeezed to half along one axis);
+the forward field of that registration is an exact affine ``A`` (common point -> case point), recovered here as a
+4x4 matrix by least squares (the residual is checked). A case is pulled onto the common grid through ``A`` and
+results are pulled back onto its own grid through ``A^-1``: one resampling each way, points in float64.
 """
 
 from __future__ import annotations
