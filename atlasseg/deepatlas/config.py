@@ -133,11 +133,10 @@ class DeepAtlasTrainConfig(TrainConfig):
     ``backend`` with preset ``affine`` (the only one allowed), cached; ``prealign_max_scale``: the affine's scales
     are kept in [1/s, s] (None: unbounded; a single reference otherwise fails on the odd case: 2 of the 200
     hippocampus cases scaled one axis by 0.5-0.6 without it, and their label Dice with the reference fell to
-    0.1-0.4). ``val_interval``: validate every that many
-    rounds (and after each pretraining and the last round); ``checkpoint_steps``: also checkpoint every that many
-    steps. Unused here: ``n_atlases``, ``patch_size``, ``foreground_ratio``, ``patches_per_target``,
-    ``candidates_per_target``, ``overlap``, ``augment``, ``mixed_precision`` (whole volumes, no augmentation,
-    float32 for the field integration).
+    0.1-0.4). ``val_interval``: validate every that many rounds (and after each pretraining and the last round);
+    ``checkpoint_steps``: also checkpoint every that many steps. Unused here: ``n_atlases``, ``patch_size``,
+    ``foreground_ratio``, ``patches_per_target``, ``candidates_per_target``, ``overlap``, ``augment``,
+    ``mixed_precision`` (whole volumes, no augmentation, float32 for the field integration).
     """
 
     epochs: int = 100
