@@ -200,6 +200,12 @@ def test_prealignment_bounds_its_scales_as_the_model_was_trained(tmp_path):
         clear_prealignment_cache()
         (affine,) = prealign_cached(bundle, [[read("imagesTr", "126")]], "cpu")
         assert scales_within(affine, 1.5 + 1e-3) == (bound is not None), affine_scales(affine)
+    config_path = tmp_path / f"model_{PREALIGN_MAX_SCALE}" / "config.json"
+    config = json.loads(config_path.read_text())
+    config["prealignment"]["max_scale"] = "large"
+    config_path.write_text(json.dumps(config))
+    with pytest.raises(ModelFolderError, match=r"config.json: prealignment.max_scale must be a number >= 1"):
+        prealign_cached(load_deepatlas(config_path.parent), [[read("imagesTr", "126")]], "cpu")
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -419,6 +425,9 @@ def test_training_alternates_resumes_exactly_and_refuses_other_settings(phantom_
     assert saved["training"]["ratio"] == "3:1" and saved["training"]["config"]["lambda_a"] == 2.0
     assert saved["training"]["labelled_ids"] == straight.labelled_ids and len(straight.labelled_ids) == 2
     assert saved["training"]["schedule"]["step_counts"] == straight.step_counts
+    # the pre-alignment bound: recorded for inference, and the one the training cache was built with
+    assert saved["prealignment"]["max_scale"] == config.prealign_max_scale == 1.5
+    assert json.loads((cache / "manifest.json").read_text())["settings"] == {"max_scale": 1.5}
 
     messages = []
 

@@ -71,7 +71,12 @@ class DeepAtlasModelBundle:
         """The bound on the pre-alignment's scales the model was trained with (None: unbounded, as folders
         written before the bound)."""
         value = (self.loaded.config.get("prealignment") or {}).get("max_scale")
-        return None if value is None else float(value)
+        if value is None:
+            return None
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 1:
+            raise ModelFolderError(f"{self.loaded.folder / CONFIG}: prealignment.max_scale must be a number >= 1 "
+                                   f"or null, got {value!r}")
+        return float(value)
 
     @property
     def training(self) -> dict:
